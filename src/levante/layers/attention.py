@@ -1,0 +1,129 @@
+"""Attention over a paged KV cache.
+
+The cache of one layer is two tensors `[num_blocks, block_size, num_kv_heads, head_dim]`.
+A sequence owns a list of block ids (its block table); token `i` of the sequence lives
+in block `block_table[i // block_size]` at offset `i % block_size`, i.e. at flat slot
+`block_table[i // block_size] * block_size + i % block_size`.
+
+Example with block_size=4 and block_table=[7, 2]: tokens 0..3 go to slots 28..31,
+tokens 4..5 to slots 8..9. Writing K/V for the step's new tokens uses `slot_mapping`
+(one flat slot per new token); reading gathers the blocks of the table in order.
+
+A step mixes decode tokens (one per sequence, batched into one SDPA call) and prefill
+chunks (one SDPA call per chunk; a chunk after cached context reads that context back
+from the cache, which is what makes chunked prefill and prefix caching work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PrefillChunk:
+    """`q_len` new tokens of one sequence, whose full context (cached + new) is `ctx_len` tokens."""
+
+    q_start: int  # offset of the chunk in the step's flat token list
+    q_len: int
+    ctx_len: int
+    block_table: torch.Tensor  # [num_blocks_of_seq] int64 on the model device
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step cache metadata, built by the model runner and passed down explicitly."""
+
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each new token
+    num_decode: int = 0  # the first `num_decode` tokens are single-token decodes
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int64 (padded with 0)
+    decode_context_lens: torch.Tensor | None = None  # [B] int64, including the new token
+    decode_max_len: int = 0
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+class PagedAttention(nn.Module):
+    """Scaled dot-product attention with GQA and an optional sliding window, reading K/V from the paged cache."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.sliding_window = sliding_window
+        # Bound by the model runner when it allocates the pool.
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q: [T, H, hd]; k, v: [T, Hkv, hd] -> out: [T, H * hd]
+        block_size = self.k_cache.shape[1]
+        self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
+        self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        if meta.num_decode:
+            out[: meta.num_decode] = self._decode(q[: meta.num_decode], meta, block_size)
+        for chunk in meta.prefills:
+            s = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+            out[s] = self._prefill(q[s], k[s], v[s], chunk, block_size)
+        return out.view(q.shape[0], -1)
+
+    def _gather(self, cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+        # cache[block_table]: [..., nb, bs, Hkv, hd] -> [..., nb*bs, Hkv, hd], cut to `length` tokens
+        blocks = cache[block_table]
+        return blocks.flatten(-4, -3)[..., :length, :, :]
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        length = meta.decode_max_len
+        k = self._gather(self.k_cache, meta.decode_block_tables, length).transpose(1, 2)  # [B, Hkv, S, hd]
+        v = self._gather(self.v_cache, meta.decode_block_tables, length).transpose(1, 2)
+        key_pos = torch.arange(length, device=q.device)  # [S]
+        ctx = meta.decode_context_lens.unsqueeze(1)  # [B, 1]
+        mask = key_pos < ctx  # [B, S]
+        if self.sliding_window is not None:
+            mask &= key_pos > ctx - 1 - self.sliding_window
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [B, H, 1, hd]
+            k,
+            v,
+            attn_mask=mask[:, None, None, :],
+            scale=self.scale,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return out.squeeze(2)  # [B, H, hd]
+
+    def _prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk, block_size: int
+    ) -> torch.Tensor:
+        # q: [L, H, hd]; k, v: [L, Hkv, hd] (this chunk's new tokens)
+        cached = chunk.ctx_len - chunk.q_len
+        if cached:
+            k = self._gather(self.k_cache, chunk.block_table, chunk.ctx_len)  # [C, Hkv, hd]
+            v = self._gather(self.v_cache, chunk.block_table, chunk.ctx_len)
+        mask = None
+        causal = True
+        if cached or (self.sliding_window is not None and chunk.ctx_len > self.sliding_window):
+            q_pos = torch.arange(cached, chunk.ctx_len, device=q.device).unsqueeze(1)  # [L, 1]
+            k_pos = torch.arange(chunk.ctx_len, device=q.device).unsqueeze(0)  # [1, C]
+            mask = k_pos <= q_pos
+            if self.sliding_window is not None:
+                mask &= k_pos > q_pos - self.sliding_window
+            causal = False
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),  # [1, H, L, hd]
+            k.transpose(0, 1).unsqueeze(0),  # [1, Hkv, C, hd]
+            v.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.scale,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return out.squeeze(0).transpose(0, 1)  # [L, H, hd]

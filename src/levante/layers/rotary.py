@@ -1,0 +1,71 @@
+"""Rotary position embeddings (HF "rotate half" layout) with the scaling schemes Llama-family configs use."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2], after the config's scaling (linear, llama3, dynamic at base length)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", "default")
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        return _llama3_scale(inv_freq, scaling, factor)
+    if kind in ("default", "dynamic"):
+        # dynamic NTK only changes frequencies beyond the trained length; we serve within it.
+        return inv_freq
+    raise ValueError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3, dynamic)")
+
+
+def _llama3_scale(inv_freq: torch.Tensor, scaling: dict[str, Any], factor: float) -> torch.Tensor:
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly.
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(is_mid, mid, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin table indexed by absolute position."""
+
+    cos_sin: torch.Tensor
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.theta = theta
+        self.scaling = scaling
+        self.register_buffer("cos_sin", torch.empty(max_positions, head_dim * 2), persistent=False)
+
+    def build(self, device: torch.device) -> None:
+        """Fill the table on `device` (the model is built on the meta device first)."""
+        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
+        t = torch.arange(self.max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # [P, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [P, hd]
+        self.cos_sin = torch.cat([emb.cos(), emb.sin()], dim=-1).to(device)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T]; q: [T, H, hd]; k: [T, Hkv, hd]
+        cos, sin = self.cos_sin[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)  # [T, 1, hd] each
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
