@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import typer
 
 from levante.loaders.loader import DEFAULT_MODEL
 
+if TYPE_CHECKING:
+    from levante.llm import LLM
+    from levante.sampling_params import SamplingParams
+
 app = typer.Typer(help="Levante: self-hosted inference for Mistral-family models.", no_args_is_help=True)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input (paths, files, parameters) ends the command with its message, not a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, OSError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 @app.callback()
@@ -34,8 +53,13 @@ def generate(
     from levante.llm import LLM
     from levante.sampling_params import SamplingParams
 
-    llm = LLM(model, dtype=dtype, device=device)
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    with user_errors():
+        llm = LLM(model, dtype=dtype, device=device)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        _stream(llm, prompt, params, chat, system)
+
+
+def _stream(llm: LLM, prompt: str, params: SamplingParams, chat: bool, system: str | None) -> None:
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         request: dict[str, object] = {"prompt_token_ids": llm.encode_chat(messages)}
