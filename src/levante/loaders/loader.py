@@ -98,7 +98,10 @@ def _finish(model: LlamaForCausalLM, device: torch.device) -> LlamaForCausalLM:
 def _load_hf_folder(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     config_file = path / "config.json"
     if not config_file.is_file():
+        pickles = sorted(p for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         ggufs = sorted(path.glob("*.gguf"))
+        if pickles and not ggufs:
+            refuse_pickle(pickles[0])
         if len(ggufs) == 1:
             return _load_gguf(ggufs[0], dtype, device)
         raise WeightsError(f"{path}: no config.json (a HF model folder) and not exactly one .gguf file")

@@ -119,10 +119,12 @@ def iter_gguf_weights(gguf: GGUFFile, cfg: TransformerConfig, dtype: torch.dtype
                 continue
             raise WeightsError(f"{gguf.path}: unexpected tensor {name!r} for a {cfg.model_type} model")
         tensor = gguf.load(name, dtype)
-        if hf.endswith("q_proj.weight"):
-            tensor = unpermute_rotary(tensor, cfg.num_heads)
-        elif hf.endswith("k_proj.weight"):
-            tensor = unpermute_rotary(tensor, cfg.num_kv_heads)
+        heads = cfg.num_heads if hf.endswith("q_proj.weight") else cfg.num_kv_heads if hf.endswith("k_proj.weight") else 0
+        if heads:
+            expected = (heads * cfg.head_dim, cfg.hidden_size)
+            if tuple(tensor.shape) != expected:
+                raise WeightsError(f"{gguf.path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected} from the config")
+            tensor = unpermute_rotary(tensor, heads)
         if "{e}" in hf:
             for e in range(tensor.shape[0]):
                 yield hf.replace("{e}", str(e)), tensor[e]
@@ -173,6 +175,8 @@ def load_weights(
             raise WeightsError(
                 f"{source}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)} from the config"
             )
+        if target.expert is not None and not 0 <= target.expert < param.shape[0]:
+            raise WeightsError(f"{source}: tensor {hf_name!r} is expert {target.expert}, but the config has {param.shape[0]} experts")
         whole = target.expert is None and target.rows is None
         if param.is_meta:
             if whole and tensor.dtype == dtype and tensor.device == device and tensor.is_contiguous():
