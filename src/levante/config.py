@@ -244,3 +244,29 @@ class EngineConfig:
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError("num_threads must be positive")
         torch.device(self.device)  # raises on a malformed device string
+
+
+@dataclass
+class ServerConfig:
+    """HTTP front door. Binds to loopback unless told otherwise."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)  # extra keys given on the command line (plain text)
+    keys_file: str | None = None  # hashed keys managed by `levante keys`; default LEVANTE_HOME/keys.json
+    max_body_bytes: int = 8 << 20
+    shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
+    retry_after: int = 1  # seconds suggested to clients refused for overload
+    cors_origins: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.max_body_bytes <= 0:
+            raise ValueError("max_body_bytes must be positive")
+        if self.shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout must be non-negative")
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")

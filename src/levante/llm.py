@@ -9,7 +9,7 @@ from typing import Any, cast
 from levante.config import CacheConfig, EngineConfig, SchedulerConfig
 from levante.engine.llm_engine import LLMEngine, PromptType
 from levante.loaders.chat_template import ChatTemplateError, Message
-from levante.outputs import CompletionOutput, RequestOutput
+from levante.outputs import OutputAccumulator, RequestOutput
 from levante.sampling_params import SamplingParams
 
 
@@ -79,7 +79,7 @@ class LLM:
         ids = [f"offline-{next(self._ids)}" for _ in prompt_list]
         for request_id, prompt, p in zip(ids, prompt_list, param_list, strict=True):
             self.engine.add_request(request_id, prompt, p)
-        results = {rid: _Accumulator() for rid in ids}
+        results = {rid: OutputAccumulator() for rid in ids}
         for out in self.stream_steps(set(ids)):
             results[out.request_id].add(out)
         return [results[rid].result() for rid in ids]
@@ -119,32 +119,3 @@ class LLM:
         if chat is None:
             raise ChatTemplateError(f"model {self.engine.loaded.name} has no chat format: {self.engine.loaded.chat_template_error}")
         return chat.encode(messages, add_generation_prompt=add_generation_prompt)
-
-
-class _Accumulator:
-    """Folds streaming deltas into the final RequestOutput."""
-
-    def __init__(self) -> None:
-        self.first: RequestOutput | None = None
-        self.outputs: dict[int, CompletionOutput] = {}
-
-    def add(self, out: RequestOutput) -> None:
-        if self.first is None:
-            self.first = out
-        if out.prompt_logprobs is not None:
-            self.first.prompt_logprobs = out.prompt_logprobs
-        self.first.finished = out.finished
-        self.first.metrics = out.metrics
-        for delta in out.outputs:
-            acc = self.outputs.setdefault(delta.index, CompletionOutput(delta.index, "", [], None, None))
-            acc.text += delta.text
-            acc.token_ids.extend(delta.token_ids)
-            if delta.logprobs is not None:
-                acc.logprobs = (acc.logprobs or []) + delta.logprobs
-            acc.cumulative_logprob = delta.cumulative_logprob
-            acc.finish_reason, acc.stop_reason = delta.finish_reason, delta.stop_reason
-
-    def result(self) -> RequestOutput:
-        assert self.first is not None
-        self.first.outputs = [self.outputs[i] for i in sorted(self.outputs)]
-        return self.first

@@ -53,3 +53,32 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+
+
+class OutputAccumulator:
+    """Folds streaming deltas into the final RequestOutput."""
+
+    def __init__(self) -> None:
+        self.first: RequestOutput | None = None
+        self.outputs: dict[int, CompletionOutput] = {}
+
+    def add(self, out: RequestOutput) -> None:
+        if self.first is None:
+            self.first = out
+        if out.prompt_logprobs is not None:
+            self.first.prompt_logprobs = out.prompt_logprobs
+        self.first.finished = out.finished
+        self.first.metrics = out.metrics
+        for delta in out.outputs:
+            acc = self.outputs.setdefault(delta.index, CompletionOutput(delta.index, "", [], None, None))
+            acc.text += delta.text
+            acc.token_ids.extend(delta.token_ids)
+            if delta.logprobs is not None:
+                acc.logprobs = (acc.logprobs or []) + delta.logprobs
+            acc.cumulative_logprob = delta.cumulative_logprob
+            acc.finish_reason, acc.stop_reason = delta.finish_reason, delta.stop_reason
+
+    def result(self) -> RequestOutput:
+        assert self.first is not None
+        self.first.outputs = [self.outputs[i] for i in sorted(self.outputs)]
+        return self.first

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+import torch
+
+LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
 
 _GREEDY_EPS = 1e-5
 
@@ -36,6 +41,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # number of top logprobs per prompt position
     skip_special_tokens: bool = True
     allowed_token_ids: list[int] | None = None
+    # Called per step as f(output_token_ids, logits_row) -> logits_row, before penalties (e.g. JSON mode).
+    # With n > 1 every sample shares the list: give stateful processors only to n == 1 requests.
+    logits_processors: list[LogitsProcessor] | None = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:

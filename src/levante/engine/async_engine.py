@@ -36,6 +36,37 @@ class _Add:
     loop: asyncio.AbstractEventLoop
 
 
+class RequestStream:
+    """The deltas of one submitted request, in order. Leaving the iteration early aborts the request."""
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str, queue: asyncio.Queue[RequestOutput | BaseException]) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._queue = queue
+        self.finished = False
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                self.finished = item.finished
+                yield item
+        finally:
+            if not self.finished:
+                self.abort()
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -52,10 +83,10 @@ class AsyncLLMEngine:
     def tokenizer(self):  # type: ignore[no-untyped-def]  # re-exported for the server
         return self.engine.tokenizer
 
-    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Yield the request's deltas until it finishes. Validation and back-pressure errors raise before the first yield.
+    def submit(self, prompt: PromptType, params: SamplingParams, request_id: str) -> RequestStream:
+        """Queue a request now; validation and back-pressure errors raise here, before anything streams.
 
-        Closing the iterator early (client gone) aborts the request.
+        Must be called from a running event loop: the deltas are delivered to it.
         """
         if self._error is not None:
             raise EngineDeadError(f"engine stopped: {self._error}")
@@ -73,24 +104,22 @@ class AsyncLLMEngine:
             self._queues[request_id] = add
             self._inbox.append(add)
             self._wake.notify()
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return RequestStream(self, request_id, queue)
+
+    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yield the request's deltas until it finishes; closing the iterator early aborts the request."""
+        async for out in self.submit(prompt, params, request_id):
+            yield out
 
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._inbox.append(request_id)
             self._wake.notify()
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the step loop died, or None while it lives."""
+        return self._error
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

@@ -74,6 +74,8 @@ def _apply_biases(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
             logits[i] += keep
         if r.banned_ids:
             logits[i, list(r.banned_ids)] = float("-inf")
+        for processor in p.logits_processors or ():
+            logits[i] = processor(r.output_ids, logits[i])
 
 
 def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

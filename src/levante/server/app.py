@@ -1,0 +1,80 @@
+"""The FastAPI application: routes of every API family over the same served models."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from levante import __version__
+from levante.config import ServerConfig
+from levante.server import errors
+from levante.server.auth import KeyStore
+from levante.server.metrics import Metrics
+from levante.server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestLogMiddleware
+from levante.server.routes import ollama, openai, tgi, truss
+from levante.server.serving import ModelManager
+from levante.server.state import AppState
+
+logger = logging.getLogger("levante.server")
+
+
+def create_app(models: ModelManager, config: ServerConfig, keys: KeyStore | None = None) -> FastAPI:
+    keys = keys or KeyStore(extra_keys=config.api_keys)
+    metrics = Metrics(models.stats)
+    state = AppState(models=models, config=config, keys=keys, metrics=metrics, started=time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # uvicorn stops accepting and waits for open responses first; this catches stragglers.
+        await models.drain(config.shutdown_timeout)
+        models.shutdown()
+
+    app = FastAPI(
+        title="Levante",
+        version=__version__,
+        description="Self-hosted inference for Mistral-family models: OpenAI, TGI, Truss, Ray Serve and Ollama APIs.",
+        lifespan=lifespan,
+    )
+    app.state.levante = state
+    app.add_exception_handler(errors.APIError, errors.api_error_handler)
+    app.add_exception_handler(RequestValidationError, errors.validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, errors.http_error_handler)
+
+    @app.get("/health", tags=["Operations"], responses={503: {"description": "not ready"}})
+    async def health() -> Response:
+        """200 once the model is loaded and the engine loop is alive."""
+        dead = [name for name, m in models.models.items() if m.engine.error is not None]
+        if dead:
+            return JSONResponse({"status": "error", "dead": dead}, status_code=503)
+        return JSONResponse({"status": "ok", "models": list(models.models)})
+
+    @app.get("/metrics", tags=["Operations"], response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", tags=["Operations"], include_in_schema=False)
+    async def root(request: Request) -> dict[str, Any]:
+        return {"name": "levante", "version": __version__, "models": list(models.models), "docs": "/docs"}
+
+    app.include_router(openai.router)
+    app.include_router(tgi.router)
+    app.include_router(truss.router)
+    app.include_router(ollama.router)
+
+    # Order: the last added runs first. Log everything, then limit bodies, then check keys.
+    app.add_middleware(AuthMiddleware, keys=keys)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(RequestLogMiddleware, metrics=metrics)
+    return app
