@@ -34,6 +34,11 @@ The masks repeat (the states "after a comma in an object" or "in a value string 
 deep" recur all through a document), so each is computed once per vocabulary. The whitespace
 run carried in from earlier tokens is not part of the memo key: the memoised mask assumes an
 empty run and tokens whose leading whitespace would overflow the run are filtered out per step.
+
+Bounds that keep a model from stalling (the only valid JSON objects refused): at most 4
+whitespace characters before ``{``, at most 20 in any run between tokens, nesting at most 64
+deep, and nothing but EOS after the closing ``}`` (not even whitespace). Tokens that add no
+text, special tokens other than EOS and the unknown token are never allowed.
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ _HEX = b"0123456789abcdefABCDEF"
 
 
 def _build_table() -> tuple[tuple[int, ...], ...]:
-    """The action for every (mode, byte): a target mode (>= 0) or one of the _ACTIONS above."""
+    """The action for every (mode, byte): a target mode (>= 0) or one of the negative actions above."""
     rows = [[_DEAD] * 256 for _ in range(_NUM_MODES)]
 
     def put(mode: int, chars: bytes | range, action: int) -> None:
@@ -505,31 +510,57 @@ def json_vocabulary(tokenizer: Tokenizer) -> JsonVocabulary:
 # --------------------------------------------------------------------------- per request
 
 
+@dataclass
+class _Track:
+    """One output sequence the processor has followed: its ids so far and the state they lead to."""
+
+    ids: list[int]
+    state: State | None
+
+
 class JsonObjectProcessor:
-    """Stateful: one per request (n == 1). Called as ``f(output_ids, logits_row) -> logits_row``."""
+    """Stateful, one per request. Called as ``f(output_ids, logits_row) -> logits_row``.
+
+    Each call advances the automaton over just the ids added since the last call. The processor
+    keeps a few tracks (sequences it has followed), so it stays right when the samples of an
+    ``n > 1`` request share it: a call continues the longest track its ids extend, and a
+    sequence that extends none is replayed from the start.
+    """
+
+    max_tracks = 32
 
     def __init__(self, vocab: JsonVocabulary) -> None:
         self.vocab = vocab
-        self.state: State | None = vocab.automaton.initial
-        self._consumed: list[int] = []
+        self._tracks: list[_Track] = []  # least recently used first
+        self.state: State | None = vocab.automaton.initial  # of the sequence seen last
 
     def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
-        self._catch_up(output_ids)
-        return self.vocab.apply(self.state, logits)
+        ids = [int(i) for i in output_ids]
+        track = self._track_for(ids)
+        for token_id in ids[len(track.ids) :]:
+            track.state = self.vocab.advance(track.state, token_id)
+        track.ids = ids
+        self.state = track.state
+        return self.vocab.apply(track.state, logits)
 
-    def _catch_up(self, output_ids: Sequence[int]) -> None:
-        done = len(self._consumed)
-        if len(output_ids) < done or (done and output_ids[done - 1] != self._consumed[-1]):
-            # Not the sequence we have seen grow (a caller reusing the processor): start over.
-            self.state, self._consumed, done = self.vocab.automaton.initial, [], 0
-        for k in range(done, len(output_ids)):
-            token_id = int(output_ids[k])
-            self.state = self.vocab.advance(self.state, token_id)
-            self._consumed.append(token_id)
+    def _track_for(self, ids: list[int]) -> _Track:
+        best: _Track | None = None
+        for track in self._tracks:
+            n = len(track.ids)
+            if n <= len(ids) and (best is None or n > len(best.ids)) and ids[:n] == track.ids:
+                best = track
+        if best is None:
+            best = _Track([], self.vocab.automaton.initial)
+            if len(self._tracks) >= self.max_tracks:
+                self._tracks.pop(0)
+        else:
+            self._tracks.remove(best)
+        self._tracks.append(best)
+        return best
 
     @property
     def complete(self) -> bool:
-        """Whether the output so far is a whole JSON object."""
+        """Whether the sequence seen last is a whole JSON object."""
         return self.state is not None and self.state[0] == DONE
 
 
