@@ -70,6 +70,7 @@ def create_app(models: ModelManager, config: ServerConfig, keys: KeyStore | None
     app.include_router(tgi.router)
     app.include_router(truss.router)
     app.include_router(ollama.router)
+    _document_errors_as_served(app)
 
     # Order: the last added runs first. Log everything, then limit bodies, then check keys.
     app.add_middleware(AuthMiddleware, keys=keys)
@@ -78,3 +79,28 @@ def create_app(models: ModelManager, config: ServerConfig, keys: KeyStore | None
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(RequestLogMiddleware, metrics=metrics)
     return app
+
+
+def _document_errors_as_served(app: FastAPI) -> None:
+    """Drop FastAPI's automatic 422 responses from the OpenAPI document.
+
+    Validation errors are answered 400 in each API family's error shape (see errors.py), which
+    the routes declare; a documented 422 that never comes misleads generated clients and
+    contract tests.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()  # FastAPI caches it on app.openapi_schema: edited in place here
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        components = schema.get("components", {}).get("schemas", {})
+        components.pop("HTTPValidationError", None)
+        if "loc" in components.get("ValidationError", {}).get("properties", {}):
+            components.pop("ValidationError")
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

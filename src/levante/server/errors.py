@@ -68,7 +68,7 @@ def render(request: Request, err: APIError) -> JSONResponse:
     if path.startswith("/api/"):
         body = {"error": err.message}
     elif path in TGI_PATHS or path == "/":
-        kind = {400: "validation", 401: "unauthorized", 404: "not_found", 413: "validation"}.get(status, "overloaded" if status in (429, 503) else "generation")
+        kind = {400: "validation", 401: "unauthorized", 404: "not_found", 413: "validation", 415: "validation"}.get(status, "overloaded" if status in (429, 503) else "generation")
         body = {"error": err.message, "error_type": kind}
         if err.code == "overloaded":
             status = 429  # TGI answers 429 "Model is overloaded"
@@ -85,6 +85,9 @@ async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
+    whole = next((e for e in errors if tuple(e.get("loc", ())) == ("body",) or e.get("type") == "json_invalid"), None)
+    if whole is not None:
+        return render(request, _body_error(request, whole))
     parts = []
     param = None
     for e in errors[:3]:
@@ -100,3 +103,18 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     types = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
     err = APIError(exc.status_code, str(exc.detail), types.get(exc.status_code, "invalid_request_error"), headers=dict(exc.headers or {}))
     return render(request, err)
+
+
+def _body_error(request: Request, error: Any) -> APIError:
+    """The body as a whole is unusable: not JSON, not an object, or sent with another content type."""
+    content_type = request.headers.get("content-type", "")
+    if error.get("type") == "json_invalid":
+        position = next((x for x in error.get("loc", ()) if isinstance(x, int)), None)
+        reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+        where = f" at character {position}" if position is not None else ""
+        return bad_request(f"the request body is not valid JSON: {reason}{where}")
+    if isinstance(error.get("input"), bytes):  # FastAPI parses JSON only when the content type says so
+        return APIError(415, f"send the body as JSON with 'Content-Type: application/json' (got {content_type or 'no content type'!r})")
+    if error.get("type") == "missing":
+        return bad_request("the request body is missing: send a JSON object")
+    return bad_request("the request body must be a JSON object")

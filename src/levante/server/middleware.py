@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from levante.server.auth import PUBLIC_PATHS, KeyStore, key_from_headers
@@ -89,9 +90,10 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
+        message_413 = f"request body is larger than the limit of {limit} bytes"
         for k, v in scope["headers"]:
             if k.lower() == b"content-length" and v.isdigit() and int(v) > limit:
-                await _reply(send, scope, 413, f"request body is larger than the limit of {limit} bytes", "invalid_request_error")
+                await _reply(send, scope, 413, message_413, "invalid_request_error")
                 return
         seen = 0
         started = False
@@ -102,7 +104,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge
+                    raise _TooLarge(message_413)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -115,11 +117,18 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await _reply(send, scope, 413, f"request body is larger than the limit of {limit} bytes", "invalid_request_error")
+                await _reply(send, scope, 413, message_413, "invalid_request_error")
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """Raised from `receive` once a body without Content-Length passes the limit.
+
+    An HTTPException, because FastAPI turns any other exception raised while it reads the body
+    into a 400 "error parsing the body"; this one it re-raises, and the app's handler renders 413.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message)
 
 
 class AuthMiddleware:

@@ -136,10 +136,18 @@ class Generation:
     async def collect(self, http: Request | None) -> RequestOutput:
         """The whole result; aborts the request if the client goes away while it runs."""
         acc = OutputAccumulator()
-        watcher = asyncio.create_task(_cancel_on_disconnect(http, asyncio.current_task())) if http is not None else None
+        task = asyncio.current_task()
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, task, gone)) if http is not None else None
         try:
             async for out in self.stream():
                 acc.add(out)
+        except asyncio.CancelledError:
+            if not gone.is_set() or task is None:
+                raise  # cancelled by someone else (shutdown): let it propagate
+            # Our own watcher cancelled us: the request is already aborted; answer quietly (nobody reads it).
+            task.uncancel()
+            raise APIError(499, "the client closed the connection before the response was ready", "client_closed_request") from None
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -150,10 +158,11 @@ class Generation:
         return acc.result()
 
 
-async def _cancel_on_disconnect(http: Request, task: asyncio.Task[object] | None) -> None:
+async def _cancel_on_disconnect(http: Request, task: asyncio.Task[object] | None, gone: asyncio.Event) -> None:
     while True:
         await asyncio.sleep(0.25)
         if await http.is_disconnected():
+            gone.set()
             if task is not None:
                 task.cancel()
             return
