@@ -6,6 +6,8 @@ The only engine file that touches tensors. Token layout of a step: single-token 
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -54,6 +56,19 @@ def num_kv_blocks(cache: CacheConfig, cfg: TransformerConfig, dtype: torch.dtype
     return budget // kv_bytes_per_block(cfg, cache.block_size, dtype)
 
 
+def _zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled KV pool. Masked slots are read (and multiplied by 0), so they must never hold NaN.
+
+    On CPU it is an anonymous memory map: zero pages the kernel commits only when written, so the
+    pool's resident size grows with use instead of costing its whole budget at start-up.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    buffer = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buffer, dtype=dtype, count=math.prod(shape)).view(shape)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device, seed: int) -> None:
         self.model = model
@@ -63,10 +78,7 @@ class ModelRunner:
         cfg = model.config
         dtype = model.embed_tokens.weight.dtype
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        # On CPU a fresh large allocation is mapped zero pages that cost memory only once written, so the
-        # pool's resident size grows with use. Elsewhere zero it: masked slots must never hold NaN.
-        alloc = torch.empty if device.type == "cpu" else torch.zeros
-        self.kv_cache = alloc(2, cfg.num_layers, *shape, dtype=dtype, device=device)
+        self.kv_cache = _zeroed_pool((2, cfg.num_layers, *shape), dtype, device)
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache = self.kv_cache[0, i]
             attn.v_cache = self.kv_cache[1, i]

@@ -76,9 +76,11 @@ class PagedAttention(nn.Module):
         return out.view(q.shape[0], -1)
 
     def _gather(self, cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-        # cache[block_table]: [..., nb, bs, Hkv, hd] -> [..., nb*bs, Hkv, hd], cut to `length` tokens
-        blocks = cache[block_table]
-        return blocks.flatten(-4, -3)[..., :length, :, :]
+        # block_table: [nb] or [B, nb] -> [nb*bs, Hkv, hd] or [B, nb*bs, Hkv, hd], cut to `length` tokens.
+        # index_select on whole blocks is a row memcpy; advanced indexing (cache[table]) is ~40x slower on CPU.
+        blocks = cache.index_select(0, block_table.reshape(-1))  # [B*nb, bs, Hkv, hd]
+        tokens = blocks.view(*block_table.shape[:-1], -1, self.num_kv_heads, self.head_dim)
+        return tokens[..., :length, :, :]
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
