@@ -112,8 +112,14 @@ def serve(
     max_num_batched_tokens: int | None = typer.Option(None, "--max-num-batched-tokens", min=16),
     max_waiting: int | None = typer.Option(None, "--max-waiting", min=1, help="Queued requests beyond which new ones get 503."),
     log_level: str | None = typer.Option(None, "--log-level"),
+    keep_alive: str | None = typer.Option(None, "--keep-alive", help="How long a model loaded on demand stays loaded when idle (30s, 5m, 1h; -1 forever). Default 5m."),
+    max_memory: str | None = typer.Option(None, "--max-memory", help="Memory for loaded models (weights + KV), e.g. 16GiB; idle models unload to make room."),
 ) -> None:
-    """Serve models over HTTP: OpenAI, TGI, Truss (/predict), Ray Serve (/infer) and Ollama APIs."""
+    """Serve models over HTTP: OpenAI, TGI, Truss (/predict), Ray Serve (/infer) and Ollama APIs.
+
+    The first model loads at start-up and is the default; the other named models, and any model
+    in the registry, load when a request names them and unload after --keep-alive idle.
+    """
     import os
 
     from levante.server.launch import ServeOptions
@@ -137,11 +143,30 @@ def serve(
             "max_num_batched_tokens": max_num_batched_tokens,
             "max_waiting": max_waiting,
             "log_level": log_level,
+            "keep_alive": keep_alive,
+            "max_memory": parse_size(max_memory) if max_memory else None,
         }
         values.update({k: v for k, v in cli.items() if v is not None})
+        alive = values.get("keep_alive")
+        if isinstance(alive, str):
+            alive = parse_duration(alive)
+        if isinstance(alive, (int, float)):
+            values["keep_alive"] = None if alive < 0 else float(alive)  # negative: forever
         opts = ServeOptions(**values)  # type: ignore[arg-type]
         logging.getLogger("levante").setLevel(opts.log_level.upper())
         run(opts)
+
+
+def parse_duration(text: str) -> float:
+    """'30s', '5m', '1h', '90' (seconds) -> seconds; negative means forever (returned as -1)."""
+    value = text.strip().lower()
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    unit = next((u for u in ("ms", "s", "m", "h") if value.endswith(u)), "")
+    try:
+        seconds = float(value[: len(value) - len(unit)] if unit else value) * scale.get(unit, 1.0)
+    except ValueError:
+        raise ValueError(f"cannot read duration {text!r}; use e.g. 30s, 5m, 1h or -1") from None
+    return -1.0 if seconds < 0 else seconds
 
 
 def parse_size(text: str) -> int:
@@ -354,6 +379,28 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The key id shown by `lev
         typer.secho(f"error: no key with id {key_id!r}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
     typer.echo(f"revoked {key_id}")
+
+
+@app.command()
+def ps(url: str = typer.Option("http://127.0.0.1:8000", "--url", envvar="LEVANTE_URL", help="The server to ask."),
+       api_key: str | None = typer.Option(None, "--api-key", envvar="LEVANTE_API_KEY")) -> None:
+    """Models loaded in a running server, with their memory and when they unload."""
+    import httpx
+    from rich.console import Console
+    from rich.table import Table
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        resp = httpx.get(f"{url.rstrip('/')}/api/ps", headers=headers, timeout=10)
+        resp.raise_for_status()
+    except httpx.HTTPError as e:
+        typer.secho(f"error: cannot ask {url}: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    table = Table("NAME", "SIZE", "CONTEXT", "UNTIL")
+    for m in resp.json()["models"]:
+        until = "forever" if m["expires_at"].startswith("9999") else m["expires_at"]
+        table.add_row(m["name"], _size(m["size"]), str(m.get("context_length", "")), until)
+    Console(width=160).print(table)
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -34,7 +35,9 @@ def create_app(models: ModelManager, config: ServerConfig, keys: KeyStore | None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reaper = asyncio.create_task(models.reaper())  # unloads models idle past their keep-alive
         yield
+        reaper.cancel()
         # uvicorn stops accepting and waits for open responses first; this catches stragglers.
         await models.drain(config.shutdown_timeout)
         models.shutdown()

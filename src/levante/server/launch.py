@@ -40,6 +40,8 @@ class ServeOptions:
     cors_origins: list[str] = field(default_factory=list)
     seed: int = 0
     log_level: str = "info"
+    keep_alive: float | None = 300.0  # seconds an on-demand model stays loaded when idle; None: forever
+    max_memory: int | None = None  # bytes of weights + KV pools across loaded models; None: no limit
 
     @classmethod
     def from_file(cls, path: Path) -> dict[str, Any]:
@@ -95,16 +97,19 @@ def served_name(model: str) -> str:
 
 
 def build_app(opts: ServeOptions) -> Any:
+    """The app with the first model loaded; the other named models (and any registry model) load on first use."""
+    from levante.registry.store import Store
     from levante.server.app import create_app
     from levante.server.auth import KeyStore
     from levante.server.serving import ModelManager, ServedModel
 
-    served = []
-    for i, model in enumerate(opts.models):
-        name = opts.served_model_name if (i == 0 and opts.served_model_name) else served_name(model)
-        engine = AsyncLLMEngine(LLMEngine(opts.engine_config(model)))
-        served.append(ServedModel(name, engine))
-        logger.info("serving %s as %r (context %d tokens)", model, name, engine.engine.max_model_len)
+    def load(source: str, name: str) -> ServedModel:
+        engine = AsyncLLMEngine(LLMEngine(opts.engine_config(source)))
+        logger.info("loaded %s as %r (context %d tokens)", source, name, engine.engine.max_model_len)
+        return ServedModel(name, engine)
+
+    names = [opts.served_model_name if (i == 0 and opts.served_model_name) else served_name(m) for i, m in enumerate(opts.models)]
+    first = load(opts.models[0], names[0])  # pinned: the default model never unloads
     config = opts.server_config()
     keys = KeyStore(extra_keys=config.api_keys)
     if not config.is_loopback and not keys.enabled:
@@ -112,7 +117,11 @@ def build_app(opts: ServeOptions) -> Any:
             "listening on %s without API keys: anyone who can reach this port can use the model. "
             "Create one with `levante keys create` or pass --api-key.", config.host,
         )
-    return create_app(ModelManager(served), config, keys)
+    manager = ModelManager(
+        [first], loader=load, keep_alive=opts.keep_alive, memory_budget=opts.max_memory, store=Store(),
+        sources=dict(zip(names, opts.models, strict=True)),
+    )
+    return create_app(manager, config, keys)
 
 
 def serve(opts: ServeOptions) -> None:

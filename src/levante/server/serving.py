@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -16,16 +17,20 @@ from levante.loaders.chat_template import ChatFormat, ChatTemplateError, Message
 from levante.loaders.loader import LoadedModel
 from levante.outputs import OutputAccumulator, RequestOutput
 from levante.rag.embeddings import Embedder
+from levante.registry.store import Manifest, ModelRef, RegistryError, Store
 from levante.sampling_params import SamplingParams
 from levante.server.errors import APIError, bad_request, from_exception, not_found
 from levante.server.metrics import Metrics
 
 
-@dataclass
+@dataclass(eq=False)
 class ServedModel:
     name: str
     engine: AsyncLLMEngine
     created: float = field(default_factory=time.time)
+    keep_alive: float | None = None  # idle seconds before unloading; None: stay loaded
+    last_used: float = field(default_factory=time.monotonic)
+    active: int = 0  # requests started and not yet finished
 
     @property
     def loaded(self) -> LoadedModel:
@@ -34,6 +39,19 @@ class ServedModel:
     @property
     def max_model_len(self) -> int:
         return self.engine.engine.max_model_len
+
+    @property
+    def memory_bytes(self) -> int:
+        """Weights plus the KV pool (its whole budget: on CPU it is committed as it fills)."""
+        weights = sum(p.numel() * p.element_size() for p in self.loaded.model.parameters())
+        return weights + self.engine.engine.runner.kv_cache.numel() * self.engine.engine.runner.kv_cache.element_size()
+
+    @property
+    def expires_at(self) -> float | None:
+        """Wall-clock time at which an idle model unloads (None: never)."""
+        if self.keep_alive is None:
+            return None
+        return time.time() + max(0.0, self.keep_alive - (time.monotonic() - self.last_used))
 
     def chat_format(self) -> ChatFormat:
         chat = self.loaded.chat_format
@@ -48,25 +66,165 @@ class ServedModel:
             raise bad_request(str(e), "messages") from e
 
 
-class ModelManager:
-    """Models served by this process, by name. The first is the default for APIs that name no model."""
+ModelLoader = Callable[[str, str], ServedModel]  # (what to load: path or registry name, served name) -> model
 
-    def __init__(self, models: list[ServedModel], embedder: Embedder | None = None) -> None:
+
+def canonical(name: str) -> str:
+    """`smollm2` and `smollm2:latest` are one model; names that are not registry names stay as they are."""
+    try:
+        return str(ModelRef.parse(name))
+    except RegistryError:
+        return name
+
+
+class ModelManager:
+    """The models this server serves, by name, loaded on first use (Ollama-style).
+
+    Models named at start-up are loaded at once (the first is the default for APIs that name
+    no model); any registry model loads when a request names it. A model idle for its
+    keep-alive is unloaded; loading one that would exceed the memory budget first unloads
+    idle models, least recently used first.
+    """
+
+    def __init__(
+        self,
+        models: list[ServedModel],
+        embedder: Embedder | None = None,
+        loader: ModelLoader | None = None,
+        keep_alive: float | None = None,
+        memory_budget: int | None = None,
+        store: Store | None = None,
+        sources: dict[str, str] | None = None,
+    ) -> None:
         if not models:
             raise ValueError("serve at least one model")
         self.models = {m.name: m for m in models}
         self.default = models[0].name
         self.embedder = embedder or Embedder()
+        self.loader = loader
+        self.keep_alive = keep_alive
+        self.memory_budget = memory_budget
+        self.store = store
+        self.sources = dict(sources or {})  # served name -> path or registry name, for models named at start-up
+        self._locks: dict[str, asyncio.Lock] = {}
 
-    def get(self, name: str | None) -> ServedModel:
-        if not name:
-            return self.models[self.default]
+    def find(self, name: str) -> ServedModel | None:
+        """A loaded model answering to `name` (exactly, or as the same registry name:tag)."""
         if name in self.models:
             return self.models[name]
-        raise not_found(f"model {name!r} is not served here; available: {', '.join(self.models)}")
+        key = canonical(name)
+        return next((m for m in self.models.values() if canonical(m.name) == key), None)
+
+    def registry_names(self) -> list[str]:
+        if self.store is None:
+            return []
+        return [str(m.ref) for m in self.store.list()]
+
+    def available(self) -> list[str]:
+        """Every name a request may use: loaded, named at start-up, or in the registry (one entry per model)."""
+        names = list(self.models) + [n for n in self.sources if self.find(n) is None]
+        seen = {canonical(n) for n in names}
+        return names + [n for n in self.registry_names() if canonical(n) not in seen]
+
+    def manifest(self, name: str) -> Manifest | None:
+        """The registry manifest of `name`, if it is a registry model."""
+        if self.store is None:
+            return None
+        try:
+            ref = ModelRef.parse(name)
+        except RegistryError:
+            return None
+        return self.store.get(ref) if self.store.exists(ref) else None
+
+    async def get(self, name: str | None) -> ServedModel:
+        """The model for a request, loading it first if it is known but not loaded."""
+        served = self.find(name or self.default)
+        if served is None:
+            served = await self._load(name or self.default)
+        served.last_used = time.monotonic()
+        return served
+
+    def _source(self, name: str) -> tuple[str, str, int] | None:
+        """(what to load, served name, parameter count estimate) for a name this server may load."""
+        key = canonical(name)
+        for served_name, source in self.sources.items():
+            if served_name == name or canonical(served_name) == key:
+                return source, served_name, 0
+        if self.store is None:
+            return None
+        try:
+            ref = ModelRef.parse(name)
+        except RegistryError:
+            return None
+        if not self.store.exists(ref):
+            return None
+        return str(ref), name, self.store.get(ref).parameters
+
+    async def _load(self, name: str) -> ServedModel:
+        found = self._source(name) if self.loader is not None else None
+        if found is None or self.loader is None:
+            raise not_found(f"model {name!r} is not served here; available: {', '.join(self.available())}")
+        source, served_name, parameters = found
+        lock = self._locks.setdefault(canonical(served_name), asyncio.Lock())
+        async with lock:
+            served = self.find(name)
+            if served is not None:
+                return served
+            self._make_room(parameters * 2)  # bfloat16 weights; the KV pool comes on top, within its own budget
+            loader = self.loader
+            try:
+                served = await asyncio.to_thread(loader, source, served_name)
+            except (ValueError, OSError) as e:
+                raise APIError(400, f"could not load {name}: {e}", "invalid_request_error", "model") from e
+            served.keep_alive = self.keep_alive
+            self.models[served.name] = served
+            return served
+
+    def _make_room(self, needed: int) -> None:
+        if self.memory_budget is None:
+            return
+        used = sum(m.memory_bytes for m in self.models.values())
+        for victim in sorted(self.models.values(), key=lambda m: m.last_used):
+            if used + needed <= self.memory_budget:
+                return
+            if self._idle(victim):
+                used -= victim.memory_bytes
+                self.unload(victim)
+        if used + needed > self.memory_budget:
+            raise APIError(
+                503, f"not enough memory to load another model ({used >> 20} MiB in use by busy models, budget {self.memory_budget >> 20} MiB)",
+                "server_overloaded", code="overloaded", headers={"Retry-After": "5"},
+            )
+
+    @staticmethod
+    def _idle(m: ServedModel) -> bool:
+        return m.active == 0 and m.engine.num_requests == 0
+
+    def unload(self, served: ServedModel) -> None:
+        """Drop a model: its engine thread stops and its memory is released."""
+        self.models.pop(served.name, None)
+        if self.default == served.name and self.models:
+            self.default = next(iter(self.models))
+        served.engine.shutdown()
+        gc.collect()
+
+    def reap(self) -> list[str]:
+        """Unload models idle past their keep-alive; returns their names."""
+        now = time.monotonic()
+        gone = []
+        for m in list(self.models.values()):
+            if m.keep_alive is not None and self._idle(m) and now - m.last_used >= m.keep_alive and len(self.models) > 0:
+                gone.append(m.name)
+                self.unload(m)
+        return gone
+
+    async def reaper(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.reap()
 
     def stats(self) -> dict[str, EngineStats]:
-        return {name: m.engine.stats() for name, m in self.models.items()}
+        return {name: m.engine.stats() for name, m in list(self.models.items())}
 
     def num_requests(self) -> int:
         return sum(m.engine.num_requests for m in self.models.values())
@@ -98,6 +256,8 @@ class Generation:
             self._stream = self.served.engine.submit(prompt, params, request_id)
         except Exception as e:
             raise from_exception(e, self.retry_after) from e
+        self.served.active += 1
+        self.served.last_used = time.monotonic()
         return self
 
     async def stream(self) -> AsyncIterator[RequestOutput]:
@@ -132,6 +292,8 @@ class Generation:
             self.metrics.prompt_tokens.labels(*labels).inc(prompt_len)
             self.metrics.generation_tokens.labels(*labels).inc(generated)
             self.metrics.request_success.labels(*labels, finish).inc()
+            self.served.active -= 1
+            self.served.last_used = time.monotonic()
 
     async def collect(self, http: Request | None) -> RequestOutput:
         """The whole result; aborts the request if the client goes away while it runs."""

@@ -63,7 +63,10 @@ class _Generating(_Request):
     stream: bool = Field(True, description="NDJSON stream of partial responses (the default) or one JSON object.")
     format: FormatType = Field(None, description='"json" constrains the output to a JSON object; JSON schemas are refused.')
     options: OllamaOptions | None = None
-    keep_alive: KeepAlive = Field(None, description="Accepted; models stay loaded while the server runs.")
+    keep_alive: KeepAlive = Field(
+        None, description="How long the model stays loaded when idle: seconds, or '5m', '1h'; 0 unloads after this request; "
+        "-1 keeps it loaded. The server's default model never unloads."
+    )
     think: bool | str | None = Field(None, description="Not supported: thinking is refused.")
 
 
@@ -135,6 +138,28 @@ class OllamaRunningModel(OllamaModelTag):
     expires_at: str
     size_vram: int
     context_length: int
+
+
+class OllamaPullRequest(_Request):
+    model: Text = Field(min_length=1, max_length=256, examples=["smollm2"])
+    insecure: bool = False
+    stream: bool = True
+
+
+class OllamaDeleteRequest(_Request):
+    model: Text = Field(min_length=1, max_length=256)
+
+
+class OllamaCopyRequest(_Request):
+    source: Text = Field(min_length=1, max_length=256)
+    destination: Text = Field(min_length=1, max_length=256)
+
+
+class OllamaStatus(BaseModel):
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None
 
 
 class OllamaPsResponse(BaseModel):

@@ -8,7 +8,7 @@ eval_* the decode, load_duration the time spent preparing the prompt, as models 
 Model names: Ollama clients use `name:tag`. A served model `smollm2` is listed as
 `smollm2:latest`, and requests may name it either way; an unknown name is a 404
 `{"error": "model 'x' not found"}`. The embedding model answers to `all-minilm` (and
-`all-minilm:l6-v2`, `all-minilm-l6-v2`). Pull, push, create, copy and delete are not served.
+`all-minilm:l6-v2`, `all-minilm-l6-v2`). Pull, copy and delete work on the registry; push and create are not served.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from levante.config import TransformerConfig
 from levante.loaders.chat_template import ChatTemplateError, Message
 from levante.outputs import RequestOutput
 from levante.rag.embeddings import Embedder
+from levante.registry import catalog
+from levante.registry.store import Manifest, ModelRef, RegistryError
 from levante.sampling_params import SamplingParams
 from levante.server.errors import APIError, bad_request
 from levante.server.protocol.ollama import (
@@ -38,6 +40,8 @@ from levante.server.protocol.ollama import (
     KeepAlive,
     OllamaChatRequest,
     OllamaChatResponse,
+    OllamaCopyRequest,
+    OllamaDeleteRequest,
     OllamaEmbeddingsRequest,
     OllamaEmbeddingsResponse,
     OllamaEmbedRequest,
@@ -49,13 +53,15 @@ from levante.server.protocol.ollama import (
     OllamaModelTag,
     OllamaOptions,
     OllamaPsResponse,
+    OllamaPullRequest,
     OllamaRunningModel,
     OllamaShowRequest,
     OllamaShowResponse,
+    OllamaStatus,
     OllamaTagsResponse,
     OllamaVersionResponse,
 )
-from levante.server.serving import Generation, ModelManager, ServedModel
+from levante.server.serving import Generation, ModelManager, ServedModel, canonical
 from levante.server.state import AppState
 
 router = APIRouter(tags=["Ollama"])
@@ -93,14 +99,36 @@ def not_found(name: str) -> APIError:
     return APIError(404, f"model '{name}' not found", "not_found_error", "model", "model_not_found")
 
 
-def resolve(models: ModelManager, name: str) -> ServedModel:
-    """`smollm2` and `smollm2:latest` both name the served model `smollm2`."""
-    if name in models.models:
-        return models.models[name]
-    base, _, tag = name.partition(":")
-    if tag == "latest" and base in models.models:
-        return models.models[base]
-    raise not_found(name)
+async def resolve(models: ModelManager, name: str) -> ServedModel:
+    """`smollm2` and `smollm2:latest` both name the served model `smollm2`; registry models load on first use."""
+    try:
+        return await models.get(name)
+    except APIError as e:
+        if e.status == 404:
+            raise not_found(name) from e
+        raise
+
+
+def keep_alive_seconds(value: str | float) -> float | None:
+    """Ollama's keep_alive: seconds (number), a duration ('30s', '5m', '1h'), negative: forever."""
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = value.strip().lower()
+        units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+        unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
+        try:
+            seconds = float(text[: len(text) - len(unit)] if unit else text) * units.get(unit, 1.0)
+        except ValueError:
+            raise bad_request(f"keep_alive {value!r} is not a duration such as 30s, 5m or -1", "keep_alive") from None
+    return None if seconds < 0 else seconds
+
+
+def _apply_keep_alive(models: ModelManager, served: ServedModel, value: KeepAlive) -> None:
+    """A request's keep_alive sets how long its model stays loaded once idle (never for the default model)."""
+    if value is None or value == "" or served.name == models.default:
+        return
+    served.keep_alive = keep_alive_seconds(value)
 
 
 def parameter_count(cfg: TransformerConfig) -> int:
@@ -335,7 +363,8 @@ async def chat(req: OllamaChatRequest, request: Request) -> Any:
     """A reply to `messages` through the model's chat format; NDJSON unless `stream` is false."""
     started = time.time()
     state = _state(request)
-    served = resolve(state.models, req.model)
+    served = await resolve(state.models, req.model)
+    _apply_keep_alive(state.models, served, req.keep_alive)
     _refuse(req.model, think=req.think, tools=req.tools, logprobs=req.logprobs, images=any(m.images for m in req.messages or []))
     if not req.messages:
         return _nothing_to_do(req.model, req.keep_alive, {"message": {"role": "assistant", "content": ""}})
@@ -374,7 +403,8 @@ async def generate(req: OllamaGenerateRequest, request: Request) -> Any:
     """A response to `prompt` (through the chat format, with `system`, unless `raw`); the final object has `context`."""
     started = time.time()
     state = _state(request)
-    served = resolve(state.models, req.model)
+    served = await resolve(state.models, req.model)
+    _apply_keep_alive(state.models, served, req.keep_alive)
     _refuse(req.model, think=req.think, logprobs=req.logprobs, images=bool(req.images))
     if req.template:
         raise bad_request("template is not supported: the model's own chat format is used (or raw: true)", "template")
@@ -398,11 +428,27 @@ async def generate(req: OllamaGenerateRequest, request: Request) -> Any:
                          "done_reason": _done_reason(out), **_timings(out, len(o.token_ids), started), **final(out, o.token_ids)})
 
 
+def _manifest_tag(m: Manifest) -> OllamaModelTag:
+    name = str(m.ref)
+    details = OllamaModelDetails(
+        format=m.format, family=m.architecture, families=[m.architecture], parameter_size=human_count(m.parameters),
+        quantization_level=_quantization(m.quantization),
+    )
+    return OllamaModelTag(name=name, model=name, modified_at=_rfc3339(m.imported_at), size=m.size, digest=m.digest[7:], details=details)
+
+
+def _all_tags(models: ModelManager) -> list[OllamaModelTag]:
+    """Registry models (loaded or not), then loaded models that are not in the registry."""
+    tags = [_manifest_tag(m) for m in (models.store.list() if models.store else [])]
+    listed = {canonical(t.name) for t in tags}
+    return tags + [_tag(m) for m in list(models.models.values()) if canonical(m.name) not in listed]
+
+
 @router.get("/api/tags", response_model=OllamaTagsResponse)
 async def tags(request: Request) -> OllamaTagsResponse:
-    """The served models, named `name:tag`."""
-    models = list(_state(request).models.models.values())
-    return OllamaTagsResponse(models=await asyncio.to_thread(lambda: [_tag(m) for m in models]))
+    """The models this server can serve, named `name:tag`: the registry's, plus those named at start-up."""
+    models = _state(request).models
+    return OllamaTagsResponse(models=await asyncio.to_thread(_all_tags, models))
 
 
 @router.post("/api/show", response_model=OllamaShowResponse, responses=ERRORS)
@@ -411,19 +457,132 @@ async def show(req: OllamaShowRequest, request: Request) -> OllamaShowResponse:
     name = req.model or req.name
     if not name:
         raise bad_request("model is required", "model")
-    served = resolve(_state(request).models, name)
+    served = await resolve(_state(request).models, name)
     return await asyncio.to_thread(_show, served)
 
 
 @router.get("/api/ps", response_model=OllamaPsResponse)
 async def ps(request: Request) -> OllamaPsResponse:
-    """Loaded models: every served model, loaded for as long as the server runs."""
+    """Loaded models, with when each unloads if it stays idle (the default model never does)."""
     running = []
-    for served in _state(request).models.models.values():
+    for served in list(_state(request).models.models.values()):
         tag = await asyncio.to_thread(_tag, served)
+        tag.size = served.memory_bytes
         vram = tag.size if served.loaded.device.type != "cpu" else 0
-        running.append(OllamaRunningModel(**tag.model_dump(), expires_at=NEVER_EXPIRES, size_vram=vram, context_length=served.max_model_len))
+        expires = served.expires_at
+        running.append(OllamaRunningModel(
+            **tag.model_dump(), expires_at=NEVER_EXPIRES if expires is None else _rfc3339(expires), size_vram=vram,
+            context_length=served.max_model_len,
+        ))
     return OllamaPsResponse(models=running)
+
+
+@router.post("/api/pull", response_model=OllamaStatus, responses={**ERRORS, 200: {"content": NDJSON}})
+async def pull(req: OllamaPullRequest, request: Request) -> Any:
+    """Fetch a known model into the registry; streams progress lines as Ollama does unless `stream` is false."""
+    store = _state(request).models.store
+    if store is None:
+        raise bad_request("this server has no model registry")
+    try:
+        ref = ModelRef.parse(req.model)
+    except RegistryError as e:
+        raise bad_request(str(e), "model") from e
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
+
+    def progress(label: str, total: int) -> Callable[[int], None]:
+        done = 0
+        last = 0.0
+
+        def advance(n: int) -> None:
+            nonlocal done, last
+            done += n
+            if time.monotonic() - last > 0.2 or done >= total:
+                last = time.monotonic()
+                loop.call_soon_threadsafe(queue.put_nowait, {"status": f"pulling {label}", "digest": label, "total": total, "completed": done})
+
+        return advance
+
+    def work() -> None:
+        try:
+            manifest = catalog.pull(store, ref, progress)
+            loop.call_soon_threadsafe(queue.put_nowait, {"status": "verifying sha256 digest"})
+            loop.call_soon_threadsafe(queue.put_nowait, {"status": "writing manifest", "digest": manifest.digest[7:]})
+            loop.call_soon_threadsafe(queue.put_nowait, {"status": "success"})
+        except BaseException as e:
+            loop.call_soon_threadsafe(queue.put_nowait, e)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    task = asyncio.create_task(asyncio.to_thread(work))
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        yield {"status": "pulling manifest"}
+        while (item := await queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        await task
+
+    if req.stream:
+        async def lines() -> AsyncIterator[str]:
+            try:
+                async for event in events():
+                    yield _line(event)
+            except (RegistryError, ValueError, OSError) as e:
+                yield _line({"error": str(e)})
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+    last: dict[str, Any] = {}
+    try:
+        async for event in events():
+            last = event
+    except (RegistryError, ValueError, OSError) as e:
+        raise (not_found(req.model) if "not a known model" in str(e) else bad_request(str(e), "model")) from e
+    return JSONResponse(last)
+
+
+@router.delete("/api/delete", responses=ERRORS)
+async def delete(req: OllamaDeleteRequest, request: Request) -> Response:
+    """Remove a registry model (unloading it first when idle)."""
+    models = _state(request).models
+    ref = _registry_ref(models, req.model)
+    served = models.find(req.model)
+    if served is not None:
+        if served.name == models.default or served.active or served.engine.num_requests:
+            raise bad_request(f"model '{req.model}' is in use; it cannot be deleted now", "model")
+        models.unload(served)
+    assert models.store is not None
+    await asyncio.to_thread(models.store.remove, ref)
+    return Response(status_code=200)
+
+
+@router.post("/api/copy", responses=ERRORS)
+async def copy(req: OllamaCopyRequest, request: Request) -> Response:
+    """Give a registry model a second name (no data is copied)."""
+    models = _state(request).models
+    src = _registry_ref(models, req.source)
+    try:
+        dst = ModelRef.parse(req.destination)
+    except RegistryError as e:
+        raise bad_request(str(e), "destination") from e
+    assert models.store is not None
+    try:
+        await asyncio.to_thread(models.store.copy, src, dst)
+    except RegistryError as e:
+        raise bad_request(str(e), "destination") from e
+    return Response(status_code=200)
+
+
+def _registry_ref(models: ModelManager, name: str) -> ModelRef:
+    if models.store is None:
+        raise bad_request("this server has no model registry")
+    try:
+        ref = ModelRef.parse(name)
+    except RegistryError as e:
+        raise bad_request(str(e), "model") from e
+    if not models.store.exists(ref):
+        raise not_found(name)
+    return ref
 
 
 @router.get("/api/version", response_model=OllamaVersionResponse)
@@ -432,11 +591,11 @@ async def version() -> OllamaVersionResponse:
     return OllamaVersionResponse(version=OLLAMA_VERSION)
 
 
-def _embedder(state: AppState, name: str) -> Embedder:
+async def _embedder(state: AppState, name: str) -> Embedder:
     base, _, tag = name.lower().partition(":")
     if base in EMBEDDING_NAMES and tag in EMBEDDING_TAGS:
         return state.models.embedder
-    resolve(state.models, name)  # 404 for a name served nowhere
+    await resolve(state.models, name)  # 404 for a name served nowhere
     raise bad_request(f"model '{name}' does not support embeddings; use all-minilm", "model")
 
 
@@ -444,7 +603,7 @@ def _embedder(state: AppState, name: str) -> Embedder:
 async def embed(req: OllamaEmbedRequest, request: Request) -> OllamaEmbedResponse:
     """Unit-length all-MiniLM-L6-v2 vectors (384 dimensions) for one text or many."""
     started = time.time()
-    embedder = _embedder(_state(request), req.model)
+    embedder = await _embedder(_state(request), req.model)
     texts = [req.input] if isinstance(req.input, str) else list(req.input)
     if len(texts) > 2048:
         raise bad_request("input holds more than 2048 texts", "input")
@@ -468,7 +627,7 @@ async def embed(req: OllamaEmbedRequest, request: Request) -> OllamaEmbedRespons
 @router.post("/api/embeddings", response_model=OllamaEmbeddingsResponse, responses=ERRORS)
 async def embeddings(req: OllamaEmbeddingsRequest, request: Request) -> OllamaEmbeddingsResponse:
     """The older single-text endpoint: `{"embedding": [...]}` (empty for an empty prompt)."""
-    embedder = _embedder(_state(request), req.model)
+    embedder = await _embedder(_state(request), req.model)
     if not req.prompt:
         return OllamaEmbeddingsResponse(embedding=[])
     vectors = await asyncio.to_thread(embedder.embed, [req.prompt])

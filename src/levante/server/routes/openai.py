@@ -39,7 +39,7 @@ from levante.server.protocol.openai import (
     TopLogprob,
     Usage,
 )
-from levante.server.serving import Generation, ModelManager, ServedModel
+from levante.server.serving import Generation, ModelManager, ServedModel, canonical
 from levante.server.state import AppState
 
 router = APIRouter(tags=["OpenAI"])
@@ -125,7 +125,7 @@ def _json_mode(req: ChatCompletionRequest, params: SamplingParams, served: Serve
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, 200: {"content": STREAMING}})
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
     state = _state(request)
-    served = state.models.get(req.model)
+    served = await state.models.get(req.model)
     params = _params(req.to_sampling_params)
     _json_mode(req, params, served, state)
     prompt_ids = await asyncio.to_thread(served.encode_chat, _messages(req), req.add_generation_prompt)
@@ -227,7 +227,7 @@ def _completion_logprobs(
 @router.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, 200: {"content": STREAMING}})
 async def completions(req: CompletionRequest, request: Request) -> Any:
     state = _state(request)
-    served = state.models.get(req.model)
+    served = await state.models.get(req.model)
     prompts = _completion_prompts(req)
     if req.stream and len(prompts) > 1:
         raise bad_request("streaming supports one prompt per request", "prompt")
@@ -297,19 +297,31 @@ async def _completion_stream(
     yield sse("[DONE]")
 
 
-def _model_card(m: ServedModel) -> ModelCard:
-    return ModelCard(id=m.name, created=int(m.created), max_model_len=m.max_model_len)
+def _model_card(manager: ModelManager, name: str) -> ModelCard:
+    """A card for a loaded model, or for one that would load on first use (from its registry manifest)."""
+    served = manager.find(name)
+    if served is not None:
+        return ModelCard(id=served.name, created=int(served.created), max_model_len=served.max_model_len)
+    manifest = manager.manifest(name)
+    if manifest is None:
+        return ModelCard(id=name, created=int(time.time()))
+    return ModelCard(id=name, created=int(manifest.imported_at), max_model_len=manifest.context_length)
 
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
+    """Loaded models and those that load on first use (named at start-up, or in the registry)."""
     manager: ModelManager = _state(request).models
-    return ModelList(data=[_model_card(m) for m in manager.models.values()])
+    return ModelList(data=[_model_card(manager, name) for name in manager.available()])
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    return _model_card(_state(request).models.get(model_id))
+    manager: ModelManager = _state(request).models
+    match = next((n for n in manager.available() if canonical(n) == canonical(model_id)), None)
+    if match is None:
+        raise APIError(404, f"model {model_id!r} is not served here", "not_found_error", "model", "model_not_found")
+    return _model_card(manager, match)
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)

@@ -144,7 +144,7 @@ def _prompt_ids(served: ServedModel, inputs: str, add_special_tokens: bool, p: T
 
 async def _start(req: TGIGenerateRequest, request: Request, stream: bool) -> tuple[Generation, ServedModel, int | None]:
     state = _state(request)
-    served = state.models.get(None)
+    served = await state.models.get(None)
     p = req.parameters
     if stream and p.decoder_input_details:
         raise bad_request("`decoder_input_details` == true is not supported when streaming tokens", "decoder_input_details")
@@ -262,7 +262,7 @@ async def compat_generate(req: TGICompatRequest, request: Request) -> Any:
 
 @router.get("/info", response_model=TGIInfo)
 async def info(request: Request) -> TGIInfo:
-    served = _state(request).models.get(None)
+    served = await _state(request).models.get(None)
     engine = served.engine.engine
     sched = engine.config.scheduler
     total = served.max_model_len
@@ -304,5 +304,5 @@ def token_offsets(tokenizer: Tokenizer, inputs: str, add_special_tokens: bool) -
 @router.post("/tokenize", response_model=list[TGISimpleToken], responses=ERRORS)
 async def tokenize(req: TGITokenizeRequest, request: Request) -> list[TGISimpleToken]:
     """The token ids of `inputs` with the character span each covers."""
-    served = _state(request).models.get(None)
+    served = await _state(request).models.get(None)
     return await asyncio.to_thread(token_offsets, served.loaded.tokenizer, req.inputs, req.add_special_tokens)

@@ -117,7 +117,7 @@ async def _text_chunks(gen: Generation) -> AsyncIterator[str]:
 async def predict(req: PredictRequest, request: Request) -> Any:
     """Generate a reply to `prompt` (through the chat format unless `raw`) or to `messages`."""
     state = _state(request)
-    served = state.models.get(req.model)
+    served = await state.models.get(req.model)
     params = _sampling(req)
     ids = await asyncio.to_thread(_prompt_ids, served, req)
     gen = Generation(served, state.metrics, state.config.retry_after)
@@ -145,7 +145,7 @@ async def infer(
 ) -> list[str]:
     """The Ray Serve example's ingress: a reply to `sentence`, as a one-element list."""
     state = _state(request)
-    served = state.models.get(None)
+    served = await state.models.get(None)
     ids = await asyncio.to_thread(served.encode_chat, [{"role": "user", "content": sentence}])
     limit = max_tokens or max(1, min(DEFAULT_INFER_MAX_TOKENS, served.max_model_len - len(ids)))
     params = SamplingParams(temperature=temperature, seed=seed, max_tokens=limit)
