@@ -43,6 +43,8 @@ class SamplerOutput:
 
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator | None = None) -> SamplerOutput:
     """logits: [B, V] float32, one row per SamplingRow -> one token per row."""
+    if all(_plain_greedy(r) for r in rows):  # the common serving case: no copies, one argmax
+        return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
     raw_logprobs = None
     if any(r.params.logprobs is not None for r in rows):
         raw_logprobs = torch.log_softmax(logits, dim=-1)
@@ -58,6 +60,14 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.G
         tokens[sampled] = _draw(logits[sampled], [rows[i] for i in sampled], generator)
     token_list = tokens.tolist()
     return SamplerOutput(token_list, _logprobs(raw_logprobs, tokens, rows))
+
+
+def _plain_greedy(r: SamplingRow) -> bool:
+    p = r.params
+    return (
+        p.greedy and p.logprobs is None and not p.needs_penalties and not p.logit_bias and not p.allowed_token_ids
+        and not r.banned_ids and not p.logits_processors
+    )
 
 
 def _apply_biases(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
