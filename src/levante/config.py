@@ -235,6 +235,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context length
     seed: int = 0
     num_threads: int | None = None  # CPU intra-op threads; default: cores available to this process
+    attention_backend: str = "auto"  # "auto": the native CPU paged kernel when it builds; "torch": portable SDPA
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -243,6 +244,8 @@ class EngineConfig:
             raise ValueError("max_model_len must be positive")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError("num_threads must be positive")
+        if self.attention_backend not in ("auto", "torch"):
+            raise ValueError(f"attention_backend must be auto or torch, got {self.attention_backend!r}")
         torch.device(self.device)  # raises on a malformed device string
 
 

@@ -32,6 +32,7 @@ class LLM:
         max_num_batched_tokens: int = 512,
         enable_chunked_prefill: bool = True,
         num_threads: int | None = None,
+        attention_backend: str = "auto",
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -40,6 +41,7 @@ class LLM:
             max_model_len=max_model_len,
             seed=seed,
             num_threads=num_threads,
+            attention_backend=attention_backend,
             cache=CacheConfig(
                 block_size=block_size,
                 num_blocks=num_kv_blocks,

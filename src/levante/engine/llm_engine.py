@@ -78,7 +78,9 @@ class LLMEngine:
             raise ValueError("without chunked prefill, max_num_batched_tokens must be at least max_model_len")
         self.block_manager = BlockManager(blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
-        self.runner = ModelRunner(self.loaded.model, blocks, cache.block_size, self.loaded.device, config.seed)
+        self.runner = ModelRunner(
+            self.loaded.model, blocks, cache.block_size, self.loaded.device, config.seed, config.attention_backend
+        )
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         logger.info(

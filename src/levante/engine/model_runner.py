@@ -17,6 +17,7 @@ from levante.config import CacheConfig, TransformerConfig
 from levante.engine.scheduler import ScheduledBatch
 from levante.engine.sequence import Sequence
 from levante.layers.attention import AttentionMetadata, PrefillChunk
+from levante.layers.paged_attention_cpu import load_paged_decode
 from levante.layers.sampler import SamplerOutput, SamplingRow, TokenLogprobs, prompt_logprobs, sample
 from levante.models.llama import LlamaForCausalLM
 
@@ -70,7 +71,10 @@ def _zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device, seed: int) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device, seed: int,
+        attention_backend: str = "auto",
+    ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -79,9 +83,11 @@ class ModelRunner:
         dtype = model.embed_tokens.weight.dtype
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_cache = _zeroed_pool((2, cfg.num_layers, *shape), dtype, device)
+        kernel = load_paged_decode() if device.type == "cpu" and attention_backend != "torch" else None
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache = self.kv_cache[0, i]
             attn.v_cache = self.kv_cache[1, i]
+            attn.decode_kernel = kernel
 
     @staticmethod
     def default_threads() -> int:

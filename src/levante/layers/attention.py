@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from levante.layers.paged_attention_cpu import DecodeKernel
+
 
 @dataclass
 class PrefillChunk:
@@ -61,6 +63,7 @@ class PagedAttention(nn.Module):
         # Bound by the model runner when it allocates the pool.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.decode_kernel: DecodeKernel | None = None  # a native paged kernel, when the runner has one
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: [T, H, hd]; k, v: [T, Hkv, hd] -> out: [T, H * hd]
@@ -84,6 +87,10 @@ class PagedAttention(nn.Module):
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        if self.decode_kernel is not None:
+            return self.decode_kernel(
+                q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale, self.sliding_window
+            )
         length = meta.decode_max_len
         k = self._gather(self.k_cache, meta.decode_block_tables, length).transpose(1, 2)  # [B, Hkv, S, hd]
         v = self._gather(self.v_cache, meta.decode_block_tables, length).transpose(1, 2)
