@@ -51,6 +51,7 @@ def generate(
     chat: bool = typer.Option(True, "--chat/--raw", help="Apply the model's chat format (default) or send the raw prompt."),
     system: str | None = typer.Option(None, "--system", help="System prompt (chat mode)."),
     dtype: str = typer.Option("auto", "--dtype"),
+    weight_format: str = typer.Option("native", "--weight-format", help="native, int8 or auto."),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Generate text from MODEL and stream it to stdout."""
@@ -58,7 +59,7 @@ def generate(
     from levante.sampling_params import SamplingParams
 
     with user_errors():
-        llm = LLM(model, dtype=dtype, device=device)
+        llm = LLM(model, dtype=dtype, device=device, weight_format=weight_format)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
         _stream(llm, prompt, params, chat, system)
 
@@ -104,6 +105,7 @@ def serve(
     config: Path | None = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, help="TOML file with any of these options."),
     served_model_name: str | None = typer.Option(None, "--served-model-name", help="Name clients use for the first model."),
     dtype: str | None = typer.Option(None, "--dtype", help="auto, bfloat16, float32, float16."),
+    weight_format: str | None = typer.Option(None, "--weight-format", help="native, int8 (half the weight bytes) or auto (int8 for small decode batches)."),
     device: str | None = typer.Option(None, "--device"),
     max_model_len: int | None = typer.Option(None, "--max-model-len", min=16),
     kv_cache_memory: str | None = typer.Option(None, "--kv-cache-memory", help="KV-cache budget, e.g. 2GiB, 512MiB (default: a fraction of free memory)."),
@@ -135,6 +137,7 @@ def serve(
             "api_keys": list(api_key) if api_key else None,
             "served_model_name": served_model_name,
             "dtype": dtype,
+            "weight_format": weight_format,
             "device": device,
             "max_model_len": max_model_len,
             "kv_cache_memory": parse_size(kv_cache_memory) if kv_cache_memory else None,

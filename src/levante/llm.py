@@ -33,6 +33,7 @@ class LLM:
         enable_chunked_prefill: bool = True,
         num_threads: int | None = None,
         attention_backend: str = "auto",
+        weight_format: str = "native",
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -42,6 +43,7 @@ class LLM:
             seed=seed,
             num_threads=num_threads,
             attention_backend=attention_backend,
+            weight_format=weight_format,
             cache=CacheConfig(
                 block_size=block_size,
                 num_blocks=num_kv_blocks,

@@ -18,6 +18,7 @@ from levante.engine.model_runner import ModelRunner, StepResult, num_kv_blocks
 from levante.engine.scheduler import Scheduler
 from levante.engine.sequence import FinishReason
 from levante.engine.sequence import Sequence as Seq
+from levante.layers.linear import quantize_linears
 from levante.layers.sampler import TokenLogprobs
 from levante.loaders.loader import LoadedModel, load_model
 from levante.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
@@ -61,6 +62,7 @@ class LLMEngine:
         if config.num_threads or config.device == "cpu":
             torch.set_num_threads(config.num_threads or ModelRunner.default_threads())
         self.loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
+        quantize_linears(self.loaded.model, config.weight_format, config.int8_max_rows)
         self.tokenizer = self.loaded.tokenizer
         cfg = self.loaded.config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)

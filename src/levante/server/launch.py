@@ -26,6 +26,7 @@ class ServeOptions:
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)
     dtype: str = "auto"
+    weight_format: str = "native"
     device: str = "cpu"
     max_model_len: int | None = None
     kv_cache_memory: int | None = None  # bytes
@@ -68,6 +69,7 @@ class ServeOptions:
         return EngineConfig(
             model=model,
             dtype=self.dtype,
+            weight_format=self.weight_format,
             device=self.device,
             max_model_len=self.max_model_len,
             seed=self.seed,
