@@ -245,3 +245,16 @@ class CpuMeter:
             "steal_cores": (steal1 - steal0) / wall,
             "own_cores": (own1 - own0) / wall,
         }
+
+
+PERPLEXITY_FILE = Path(__file__).resolve().parent / "data" / "perplexity.txt"
+
+
+def perplexity_text() -> str:
+    """An original text shipped with the bench (no download), scored by every system on the same token ids."""
+    return PERPLEXITY_FILE.read_text()
+
+
+def perplexity_from_logprobs(token_logprobs: Sequence[float]) -> float:
+    """exp(mean negative log-likelihood) of the tokens after the first."""
+    return math.exp(-sum(token_logprobs) / len(token_logprobs))

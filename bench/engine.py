@@ -55,6 +55,8 @@ from common import (
     latency_stats,
     model_path,
     peak_rss_mb,
+    perplexity_from_logprobs,
+    perplexity_text,
     sizes_dict,
 )
 
@@ -68,20 +70,22 @@ def log(msg: str) -> None:
 # ---- Levante ---------------------------------------------------------------------------------
 
 
-def run_levante(sizes: Sizes, threads: int, check: bool) -> dict[str, Any]:
+def run_levante(sizes: Sizes, threads: int, check: bool, weight_format: str | None) -> dict[str, Any]:
+    import torch
+
     from levante import LLM, SamplingParams
     from levante.engine.async_engine import AsyncLLMEngine
 
     t0 = time.perf_counter()
-    llm = LLM(str(model_path()), num_threads=threads)  # defaults otherwise (dtype auto, KV budget)
+    kwargs = {"weight_format": weight_format} if weight_format else {}
+    llm = LLM(str(model_path()), num_threads=threads, **kwargs)  # defaults otherwise (dtype auto, KV budget)
     load_s = time.perf_counter() - t0
-    import torch
-
     engine = llm.engine
     book = PromptBook(lambda s: engine.tokenizer.encode(s, add_special_tokens=False))
     book.check_distinct(sizes)
     info: dict[str, Any] = {
         "dtype": str(engine.loaded.dtype).removeprefix("torch."),
+        "weight_format": engine.config.weight_format,
         "torch_threads": torch.get_num_threads(),
         "kv_blocks": engine.block_manager.num_blocks,
         "kv_cache_mb": engine.runner.kv_cache.numel() * engine.runner.kv_cache.element_size() / 2**20,
@@ -115,6 +119,10 @@ def run_levante(sizes: Sizes, threads: int, check: bool) -> dict[str, Any]:
 
     metrics = {"load_s": load_s}
     metrics.update(single_stream_metrics(sizes, book, stream, info))
+    ids = engine.tokenizer.encode(perplexity_text(), add_special_tokens=False)
+    logprobs = torch.log_softmax(llm.score({"prompt_token_ids": ids})[:-1], dim=-1)
+    metrics["perplexity"] = perplexity_from_logprobs(logprobs.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1).tolist())
+    info["perplexity_tokens"] = len(ids)
 
     async_engine = AsyncLLMEngine(engine)
     try:
@@ -242,6 +250,10 @@ def run_hf(sizes: Sizes, threads: int) -> dict[str, Any]:
     generate(book.warmup_prompts(4, 24), 4)
     metrics: dict[str, float] = {"load_s": load_s}
     metrics.update(single_stream_metrics(sizes, book, stream, info))
+    ids = tok.encode(perplexity_text(), add_special_tokens=False)
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    metrics["perplexity"] = perplexity_from_logprobs(logprobs.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1).tolist())
     for n in sizes.concurrency:
         log(f"hf: static batch of {n}")
         start = time.perf_counter()
@@ -308,7 +320,21 @@ def run_llamacpp(sizes: Sizes, threads: int) -> dict[str, Any]:
         wall = time.perf_counter() - start
         metrics[f"c{n}_tok_s"] = sum(len(t) for _, t in runs) / wall
         metrics.update(latency_stats([t[0] for t, _ in runs], [t for t, _ in runs], f"c{n}"))
+    metrics["perplexity"] = llamacpp_perplexity(llama_cpp, threads)
     return {"metrics": metrics, "info": info}
+
+
+def llamacpp_perplexity(llama_cpp: Any, threads: int) -> float:
+    """Logits at every position need `logits_all`, which would slow the timed runs: a second instance."""
+    import numpy as np
+
+    scorer = llama_cpp.Llama(model_path=str(model_path()), n_threads=threads, n_ctx=2048, logits_all=True, verbose=False)
+    ids = scorer.tokenize(perplexity_text().encode(), add_bos=False, special=False)
+    scorer.eval(ids)
+    logits = np.asarray(scorer.scores[: len(ids) - 1], dtype=np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return perplexity_from_logprobs(logprobs[np.arange(len(ids) - 1), ids[1:]].tolist())
 
 
 # ---- shared measurement ----------------------------------------------------------------------
@@ -342,8 +368,9 @@ def child(system: str, quick: bool, threads: int, check: bool, out: Path) -> Non
     sizes = QUICK if quick else FULL
     t0 = time.perf_counter()
     meter = CpuMeter()
-    if system == "levante":
-        result = run_levante(sizes, threads, check)
+    if system.startswith("levante"):
+        _, _, weight_format = system.partition("@")
+        result = run_levante(sizes, threads, check, weight_format or None)
     elif system == "hf":
         result = run_hf(sizes, threads)
     else:
@@ -370,6 +397,7 @@ ROWS: list[tuple[str, str, str]] = [  # (key, label, format)
     ("kv_waste_max", "KV waste max (steady, {b} conc.)", ".3f"),
     ("prefix_hit_rate", "prefix-cache hit rate ({b} conc.)", ".3f"),
     ("preemptions", "preemptions ({b} conc.)", ".0f"),
+    ("perplexity", "perplexity (bench/data/perplexity.txt)", ".3f"),
     ("load_s", "load time s", ".1f"),
     ("peak_rss_mb", "peak RSS MiB", ".0f"),
 ]
@@ -392,19 +420,27 @@ def fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
+def display(system: str) -> str:
+    return {"llamacpp": "llama.cpp"}.get(system, system)
+
+
 def table(results: dict[str, dict[str, Any]], sizes: Sizes) -> str:
-    names = {"levante": "levante", "hf": "hf", "llamacpp": "llama.cpp"}
     a, b = sizes.concurrency[0], sizes.concurrency[-1]
-    header = ["metric", *(names[s] for s in SYSTEMS), "levante/hf", "levante/llama.cpp"]
+    systems = list(results)
+    ours = [s for s in systems if s.startswith("levante")]
+    peers = [s for s in systems if not s.startswith("levante")]
+    pairs = [(o, p) for o in ours for p in peers]
+    header = ["metric", *(display(s) for s in systems), *(f"{display(o)}/{display(p)}" for o, p in pairs)]
     lines = []
     for key, label, spec in ROWS:
         key = key.format(a=a, b=b)
-        vals = [results.get(s, {}).get("metrics", {}).get(key) for s in SYSTEMS]
-        if all(v is None for v in vals):
+        got = {s: results[s].get("metrics", {}).get(key) for s in systems}
+        if all(v is None for v in got.values()):
             continue
-        lev = vals[0]
+        vals = [got[s] for s in systems]
         ratios = []
-        for peer in vals[1:]:
+        for o, p in pairs:
+            lev, peer = got[o], got[p]
             ok = isinstance(lev, (int, float)) and isinstance(peer, (int, float)) and peer and not math.isnan(peer)
             ratios.append(f"{lev / peer:.2f}x" if ok else "-")
         label = label.format(prefill_len=sizes.prefill_len, a=a, b=b)
@@ -420,13 +456,14 @@ def table(results: dict[str, dict[str, Any]], sizes: Sizes) -> str:
 
 def agreement(results: dict[str, dict[str, Any]]) -> list[str]:
     """How many leading greedy tokens of the single-stream decode each peer shares with Levante."""
-    ref = results.get("levante", {}).get("info", {}).get("decode_tokens")
+    first = next((s for s in results if s.startswith("levante")), "levante")
+    ref = results.get(first, {}).get("info", {}).get("decode_tokens")
     lines = []
-    for s in ("hf", "llamacpp"):
+    for s in [s for s in results if s != first]:
         other = results.get(s, {}).get("info", {}).get("decode_tokens")
         if ref and other:
             same = next((i for i, (x, y) in enumerate(zip(ref, other, strict=False)) if x != y), min(len(ref), len(other)))
-            lines.append(f"greedy decode tokens shared with levante before first difference: {s} {same}/{len(ref)}")
+            lines.append(f"greedy decode tokens shared with {first} before first difference: {s} {same}/{len(ref)}")
     return lines
 
 
@@ -438,15 +475,15 @@ def report(results: dict[str, dict[str, Any]], sizes: Sizes, quick: bool) -> str
         f"platform: {platform.platform()} | CPU: {cpu_model()} | {os.cpu_count()} logical CPUs | python {platform.python_version()}",
         f"model: {MODEL_FILE} | sizes: {sizes_dict(sizes)}",
     ]
-    if "levante" in info:
-        i = info["levante"]
+    for name in [s for s in info if s.startswith("levante")]:
+        i = info[name]
         lines.append(
-            f"levante: dtype {i.get('dtype')}, {i.get('torch_threads')} torch threads, KV pool {i.get('kv_blocks')} blocks "
+            f"{name}: dtype {i.get('dtype')}, weights {i.get('weight_format')}, {i.get('torch_threads')} torch threads, KV pool {i.get('kv_blocks')} blocks "
             f"= {i.get('kv_cache_mb', 0):.0f} MiB (default budget), RSS after load {i.get('rss_after_load_mb', 0):.0f} MiB, "
             f"{i.get('kv_waste_samples', 0)} KV-waste samples"
         )
         if "check" in i:
-            lines.append(f"levante --check: {i['check']}")
+            lines.append(f"{name} --check: {i['check']}")
     if "hf" in info:
         i = info["hf"]
         lines.append(f"hf: transformers {i.get('transformers')}, bfloat16, {i.get('torch_threads')} torch threads, "
@@ -483,11 +520,14 @@ def report(results: dict[str, dict[str, Any]], sizes: Sizes, quick: bool) -> str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run under 2 minutes")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of levante,hf,llamacpp")
+    parser.add_argument(
+        "--systems", default=",".join(SYSTEMS),
+        help="comma-separated subset of levante,hf,llamacpp; levante@FORMAT runs Levante with --weight-format FORMAT (native, int8, auto)",
+    )
     parser.add_argument("--json", type=Path, help="also write all results to this file")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (Levante, HF) and llama.cpp n_threads")
     parser.add_argument("--check", action="store_true", help="verify Levante's greedy output alone == batched first")
-    parser.add_argument("--system", choices=SYSTEMS, help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--system", help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.system:
@@ -495,7 +535,7 @@ def main() -> int:
         return 0
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - set(SYSTEMS)
+    unknown = {s for s in systems if s.partition("@")[0] not in SYSTEMS}
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
     sizes = QUICK if args.quick else FULL
@@ -505,7 +545,7 @@ def main() -> int:
         for system in systems:
             out = Path(tmp) / f"{system}.json"
             cmd = [sys.executable, __file__, "--system", system, "--out", str(out), "--threads", str(args.threads)]
-            cmd += ["--quick"] * args.quick + ["--check"] * (args.check and system == "levante")
+            cmd += ["--quick"] * args.quick + ["--check"] * (args.check and system.startswith("levante"))
             log(f"running {system} in a child process")
             env = {**os.environ, "TQDM_DISABLE": "1"}  # transformers' GGUF conversion bars
             proc = subprocess.run(cmd, check=False, env=env)
@@ -520,8 +560,8 @@ def main() -> int:
     print(text)
     if args.json:
         args.json.write_text(json.dumps({"sizes": sizes_dict(sizes), "results": results, "report": text}, indent=1))
-    check = results.get("levante", {}).get("info", {}).get("check", "")
-    return 1 if failed or check.startswith("FAIL") else 0
+    checks = [r.get("info", {}).get("check", "") for s, r in results.items() if s.startswith("levante")]
+    return 1 if failed or any(c.startswith("FAIL") for c in checks) else 0
 
 
 if __name__ == "__main__":
