@@ -116,6 +116,8 @@ def serve(
     log_level: str | None = typer.Option(None, "--log-level"),
     keep_alive: str | None = typer.Option(None, "--keep-alive", help="How long a model loaded on demand stays loaded when idle (30s, 5m, 1h; -1 forever). Default 5m."),
     max_memory: str | None = typer.Option(None, "--max-memory", help="Memory for loaded models (weights + KV), e.g. 16GiB; idle models unload to make room."),
+    ui: bool | None = typer.Option(None, "--ui/--no-ui", help="Serve the chat page at /ui (default: on)."),
+    qdrant_url: str | None = typer.Option(None, "--qdrant-url", envvar="LEVANTE_QDRANT_URL", help="Qdrant server for /v1/rag (default: embedded store in $LEVANTE_HOME/qdrant; ':memory:' for a throw-away one)."),
 ) -> None:
     """Serve models over HTTP: OpenAI, TGI, Truss (/predict), Ray Serve (/infer) and Ollama APIs.
 
@@ -148,6 +150,8 @@ def serve(
             "log_level": log_level,
             "keep_alive": keep_alive,
             "max_memory": parse_size(max_memory) if max_memory else None,
+            "ui": ui,
+            "qdrant_url": qdrant_url,
         }
         values.update({k: v for k, v in cli.items() if v is not None})
         alive = values.get("keep_alive")
@@ -404,6 +408,12 @@ def ps(url: str = typer.Option("http://127.0.0.1:8000", "--url", envvar="LEVANTE
         until = "forever" if m["expires_at"].startswith("9999") else m["expires_at"]
         table.add_row(m["name"], _size(m["size"]), str(m.get("context_length", "")), until)
     Console(width=160).print(table)
+
+
+# `levante rag ingest|list|rm|query`
+from levante.rag.cli import rag_app  # noqa: E402
+
+app.add_typer(rag_app, name="rag")
 
 
 @app.command()

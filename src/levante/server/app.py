@@ -17,21 +17,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from levante import __version__
 from levante.config import ServerConfig
+from levante.rag.service import RagConfig
 from levante.server import errors
 from levante.server.auth import KeyStore
 from levante.server.metrics import Metrics
 from levante.server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestLogMiddleware
 from levante.server.routes import ollama, openai, tgi, truss
+from levante.server.routes import rag as rag_routes
 from levante.server.serving import ModelManager
 from levante.server.state import AppState
 
 logger = logging.getLogger("levante.server")
 
 
-def create_app(models: ModelManager, config: ServerConfig, keys: KeyStore | None = None) -> FastAPI:
+def create_app(models: ModelManager, config: ServerConfig, keys: KeyStore | None = None, ui: bool = False, rag: RagConfig | None = None) -> FastAPI:
     keys = keys or KeyStore(extra_keys=config.api_keys)
     metrics = Metrics(models.stats)
-    state = AppState(models=models, config=config, keys=keys, metrics=metrics, started=time.time())
+    state = AppState(models=models, config=config, keys=keys, metrics=metrics, started=time.time(), rag_config=rag)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -41,6 +43,7 @@ def create_app(models: ModelManager, config: ServerConfig, keys: KeyStore | None
         # uvicorn stops accepting and waits for open responses first; this catches stragglers.
         await models.drain(config.shutdown_timeout)
         models.shutdown()
+        state.close_rag()  # releases the vector store (local mode locks its folder)
 
     app = FastAPI(
         title="Levante",
@@ -73,15 +76,31 @@ def create_app(models: ModelManager, config: ServerConfig, keys: KeyStore | None
     app.include_router(tgi.router)
     app.include_router(truss.router)
     app.include_router(ollama.router)
+    app.include_router(rag_routes.router)  # /v1/rag/collections, uploads
     _document_errors_as_served(app)
+    public: tuple[str, ...] = ()
+    if ui:  # chat page: its pages and assets are public; its calls to the API carry the user's key (levante/ui/chat.py)
+        from levante.ui import UI_PATH, mount_ui
+
+        mount_ui(app, _own_url(config), max_file_size=config.max_body_bytes)  # page uploads pass the body limit
+        public = (UI_PATH,)
 
     # Order: the last added runs first. Log everything, then limit bodies, then check keys.
-    app.add_middleware(AuthMiddleware, keys=keys)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(AuthMiddleware, keys=keys, public_prefixes=public)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, exempt_prefixes=(rag_routes.RAG_PREFIX,))
+    # /v1/rag uploads get their own, larger limit; other /v1/rag/ requests the usual one
+    app.add_middleware(rag_routes.RagBodyLimitMiddleware, max_bytes=config.max_body_bytes,
+                       max_upload_bytes=(rag or RagConfig()).max_upload_bytes)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(RequestLogMiddleware, metrics=metrics)
     return app
+
+
+def _own_url(config: ServerConfig) -> str:
+    """This server's address from the configuration (the UI prefers the socket a request came in on)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(config.host, config.host)
+    return f"http://[{host}]:{config.port}" if ":" in host else f"http://{host}:{config.port}"
 
 
 def _document_errors_as_served(app: FastAPI) -> None:

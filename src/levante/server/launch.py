@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -43,6 +44,8 @@ class ServeOptions:
     log_level: str = "info"
     keep_alive: float | None = 300.0  # seconds an on-demand model stays loaded when idle; None: forever
     max_memory: int | None = None  # bytes of weights + KV pools across loaded models; None: no limit
+    ui: bool = True  # the chat page at /ui
+    qdrant_url: str | None = None  # a Qdrant server for /v1/rag (or ':memory:'); None: embedded store in LEVANTE_HOME/qdrant
 
     @classmethod
     def from_file(cls, path: Path) -> dict[str, Any]:
@@ -100,6 +103,7 @@ def served_name(model: str) -> str:
 
 def build_app(opts: ServeOptions) -> Any:
     """The app with the first model loaded; the other named models (and any registry model) load on first use."""
+    from levante.rag.service import RagConfig
     from levante.registry.store import Store
     from levante.server.app import create_app
     from levante.server.auth import KeyStore
@@ -123,13 +127,17 @@ def build_app(opts: ServeOptions) -> Any:
         [first], loader=load, keep_alive=opts.keep_alive, memory_budget=opts.max_memory, store=Store(),
         sources=dict(zip(names, opts.models, strict=True)),
     )
-    return create_app(manager, config, keys)
+    rag = RagConfig(qdrant_url=opts.qdrant_url, qdrant_api_key=os.environ.get("QDRANT_API_KEY"))
+    return create_app(manager, config, keys, ui=opts.ui, rag=rag)
 
 
 def serve(opts: ServeOptions) -> None:
     import uvicorn
 
     app = build_app(opts)
+    if opts.ui:
+        host = f"[{opts.host}]" if ":" in opts.host else opts.host
+        logger.info("chat page: http://%s:%d/ui", host, opts.port)
     uvicorn.run(
         app, host=opts.host, port=opts.port, log_level=opts.log_level,
         timeout_graceful_shutdown=int(opts.shutdown_timeout), access_log=False,

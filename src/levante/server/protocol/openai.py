@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from levante.sampling_params import SamplingParams
+from levante.server.protocol.rag import RagOptions, Source
 
 
 class _Request(BaseModel):
@@ -98,6 +99,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
+    rag: RagOptions | None = Field(None, description="Levante extension: ground the answer in passages of a collection; the response lists them as `sources`.")
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
@@ -179,6 +181,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    sources: list[Source] | None = Field(None, exclude_if=lambda v: v is None, description="With `rag`: the passages the answer was given.")
 
 
 class DeltaMessage(BaseModel):
@@ -200,6 +203,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    sources: list[Source] | None = Field(None, exclude_if=lambda v: v is None, description="With `rag`: sent once, in a first chunk with no choices.")
 
 
 class CompletionLogprobs(BaseModel):

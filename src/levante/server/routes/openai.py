@@ -39,6 +39,7 @@ from levante.server.protocol.openai import (
     TopLogprob,
     Usage,
 )
+from levante.server.routes import rag as rag_routes
 from levante.server.serving import Generation, ModelManager, ServedModel, canonical
 from levante.server.state import AppState
 
@@ -128,14 +129,19 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
     served = await state.models.get(req.model)
     params = _params(req.to_sampling_params)
     _json_mode(req, params, served, state)
-    prompt_ids = await asyncio.to_thread(served.encode_chat, _messages(req), req.add_generation_prompt)
+    sources: list[dict[str, Any]] | None = None
+    if req.rag is not None:  # retrieve and put the passages into the prompt (routes/rag.py)
+        prompt_ids, sources = await rag_routes.grounded_chat_prompt(
+            state, served, _messages(req), req.rag, params.max_tokens, req.add_generation_prompt)
+    else:
+        prompt_ids = await asyncio.to_thread(served.encode_chat, _messages(req), req.add_generation_prompt)
     request_id = _new_id("chatcmpl", request)
     gen = Generation(served, state.metrics, state.config.retry_after).start({"prompt_token_ids": prompt_ids}, params, request_id)
     top_n = req.top_logprobs or 0
     text = served.loaded.tokenizer.token_text
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_chat_stream(gen, served.name, request_id, params.n, top_n, include_usage, text), media_type="text/event-stream")
+        return StreamingResponse(_chat_stream(gen, served.name, request_id, params.n, top_n, include_usage, text, sources), media_type="text/event-stream")
     out = await gen.collect(request)
     choices = [
         {
@@ -147,16 +153,19 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
         }
         for o in out.outputs
     ]
-    return ChatCompletionResponse.model_validate({"id": request_id, "model": served.name, "choices": choices, "usage": _usage(out)})
+    return ChatCompletionResponse.model_validate({"id": request_id, "model": served.name, "choices": choices, "usage": _usage(out), "sources": sources})
 
 
 async def _chat_stream(
-    gen: Generation, model: str, request_id: str, n: int, top_n: int, include_usage: bool, text: Callable[[int], str]
+    gen: Generation, model: str, request_id: str, n: int, top_n: int, include_usage: bool, text: Callable[[int], str],
+    sources: list[dict[str, Any]] | None = None,
 ) -> AsyncIterator[str]:
     created = int(time.time())
     base: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
     if include_usage:
         base["usage"] = None
+    if sources is not None:  # the sources come first, before any text
+        yield sse({**base, "choices": [], "sources": sources})
     for i in range(n):
         yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
     final: RequestOutput | None = None
