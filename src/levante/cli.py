@@ -410,10 +410,12 @@ def ps(url: str = typer.Option("http://127.0.0.1:8000", "--url", envvar="LEVANTE
     Console(width=160).print(table)
 
 
-# `levante rag ingest|list|rm|query`
+# `levante rag ingest|list|rm|query`, and `levante deploy` on Ray Serve (Ray is imported only when deploying)
 from levante.rag.cli import rag_app  # noqa: E402
+from levante.scale.cli import deploy as deploy_command  # noqa: E402
 
 app.add_typer(rag_app, name="rag")
+app.command("deploy")(deploy_command)
 
 
 @app.command()

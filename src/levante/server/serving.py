@@ -8,11 +8,13 @@ import gc
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fastapi import Request
 
-from levante.engine.async_engine import AsyncLLMEngine, RequestStream
-from levante.engine.llm_engine import EngineStats, PromptType
+from levante.config import EngineConfig
+from levante.engine.async_engine import AsyncLLMEngine
+from levante.engine.llm_engine import EngineStats, LLMEngine, PromptType
 from levante.loaders.chat_template import ChatFormat, ChatTemplateError, Message
 from levante.loaders.loader import LoadedModel
 from levante.outputs import OutputAccumulator, RequestOutput
@@ -23,28 +25,71 @@ from levante.server.errors import APIError, bad_request, from_exception, not_fou
 from levante.server.metrics import Metrics
 
 
+class OutputStream(Protocol):
+    """One submitted request's deltas, in order; leaving the iteration early (or `abort`) aborts it."""
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]: ...
+
+    def abort(self) -> None: ...
+
+
+class EngineClient(Protocol):
+    """What the server asks of an engine: `AsyncLLMEngine` in this process, or a proxy to engines
+    elsewhere (levante.scale: replicas of a Ray Serve deployment). `submit` raises at once for
+    input or capacity errors it can see; later ones surface while iterating."""
+
+    def submit(self, prompt: PromptType, params: SamplingParams, request_id: str) -> OutputStream: ...
+
+    @property
+    def error(self) -> BaseException | None: ...
+
+    @property
+    def num_requests(self) -> int: ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def drain(self, timeout: float) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
 @dataclass(eq=False)
 class ServedModel:
+    """A model this server serves. Here its engine runs in this process; a model whose engines run
+    elsewhere (levante.scale.remote.RemoteServedModel) overrides the properties that read the
+    local engine: loaded, max_model_len, engine_config, memory_bytes."""
+
     name: str
-    engine: AsyncLLMEngine
+    engine: EngineClient
     created: float = field(default_factory=time.time)
     keep_alive: float | None = None  # idle seconds before unloading; None: stay loaded
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0  # requests started and not yet finished
 
     @property
+    def local_engine(self) -> LLMEngine:
+        if not isinstance(self.engine, AsyncLLMEngine):
+            raise TypeError(f"model {self.name!r} is served by engines elsewhere, not by one in this process")
+        return self.engine.engine
+
+    @property
     def loaded(self) -> LoadedModel:
-        return self.engine.engine.loaded
+        return self.local_engine.loaded
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.local_engine.max_model_len
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return self.local_engine.config
 
     @property
     def memory_bytes(self) -> int:
         """Weights plus the KV pool (its whole budget: on CPU it is committed as it fills)."""
         weights = sum(p.numel() * p.element_size() for p in self.loaded.model.parameters())
-        return weights + self.engine.engine.runner.kv_cache.numel() * self.engine.engine.runner.kv_cache.element_size()
+        kv_cache = self.local_engine.runner.kv_cache
+        return weights + kv_cache.numel() * kv_cache.element_size()
 
     @property
     def expires_at(self) -> float | None:
@@ -249,7 +294,7 @@ class Generation:
         self.metrics = metrics
         self.retry_after = retry_after
         self._start = time.monotonic()
-        self._stream: RequestStream | None = None
+        self._stream: OutputStream | None = None
 
     def start(self, prompt: PromptType, params: SamplingParams, request_id: str) -> Generation:
         try:

@@ -263,8 +263,7 @@ async def compat_generate(req: TGICompatRequest, request: Request) -> Any:
 @router.get("/info", response_model=TGIInfo)
 async def info(request: Request) -> TGIInfo:
     served = await _state(request).models.get(None)
-    engine = served.engine.engine
-    sched = engine.config.scheduler
+    sched = served.engine_config.scheduler
     total = served.max_model_len
     return TGIInfo(
         model_id=served.name, model_dtype=str(served.loaded.dtype), model_device_type=served.loaded.device.type,
