@@ -51,7 +51,7 @@ def generate(
     chat: bool = typer.Option(True, "--chat/--raw", help="Apply the model's chat format (default) or send the raw prompt."),
     system: str | None = typer.Option(None, "--system", help="System prompt (chat mode)."),
     dtype: str = typer.Option("auto", "--dtype"),
-    weight_format: str = typer.Option("native", "--weight-format", help="native, int8 or auto."),
+    weight_format: str = typer.Option("auto", "--weight-format", help="auto (int4 kernels for 4-bit checkpoints), native, int8 or int4."),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Generate text from MODEL and stream it to stdout."""
@@ -105,7 +105,7 @@ def serve(
     config: Path | None = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, help="TOML file with any of these options."),
     served_model_name: str | None = typer.Option(None, "--served-model-name", help="Name clients use for the first model."),
     dtype: str | None = typer.Option(None, "--dtype", help="auto, bfloat16, float32, float16."),
-    weight_format: str | None = typer.Option(None, "--weight-format", help="native, int8 (half the weight bytes) or auto (int8 for small decode batches)."),
+    weight_format: str | None = typer.Option(None, "--weight-format", help="auto (default: 4-bit checkpoints decode small batches with int4 kernels), native, int8 (half the bytes of bf16) or int4 (a quarter)."),
     device: str | None = typer.Option(None, "--device"),
     max_model_len: int | None = typer.Option(None, "--max-model-len", min=16),
     kv_cache_memory: str | None = typer.Option(None, "--kv-cache-memory", help="KV-cache budget, e.g. 2GiB, 512MiB (default: a fraction of free memory)."),

@@ -236,8 +236,8 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # CPU intra-op threads; default: cores available to this process
     attention_backend: str = "auto"  # "auto": the native CPU paged kernel when it builds; "torch": portable SDPA
-    weight_format: str = "native"  # "native" (model dtype), "int8" (int8 weights), "auto" (both; per step the faster)
-    int8_max_rows: int = 16  # with "auto": steps of at most this many tokens use the int8 weights
+    weight_format: str = "auto"  # "auto" (4-bit checkpoints: int4 kernels for small steps), "native", "int8", "int4"
+    quant_max_rows: int = 8  # with "auto": steps of at most this many tokens use the quantised copy
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -246,10 +246,10 @@ class EngineConfig:
             raise ValueError("max_model_len must be positive")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError("num_threads must be positive")
-        if self.weight_format not in ("native", "int8", "auto"):
-            raise ValueError(f"weight_format must be native, int8 or auto, got {self.weight_format!r}")
-        if self.int8_max_rows < 0:
-            raise ValueError("int8_max_rows must be non-negative")
+        if self.weight_format not in ("native", "int8", "int4", "auto"):
+            raise ValueError(f"weight_format must be native, int8, int4 or auto, got {self.weight_format!r}")
+        if self.quant_max_rows < 0:
+            raise ValueError("quant_max_rows must be non-negative")
         if self.attention_backend not in ("auto", "torch"):
             raise ValueError(f"attention_backend must be auto or torch, got {self.attention_backend!r}")
         torch.device(self.device)  # raises on a malformed device string

@@ -33,7 +33,7 @@ class LLM:
         enable_chunked_prefill: bool = True,
         num_threads: int | None = None,
         attention_backend: str = "auto",
-        weight_format: str = "native",
+        weight_format: str = "auto",
     ) -> None:
         config = EngineConfig(
             model=model,

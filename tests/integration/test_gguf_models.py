@@ -25,7 +25,7 @@ from levante.loaders.gguf import GGUFFile
 from levante.loaders.tokenizer import load_tokenizer
 
 F32, F16, Q8_0 = GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0
-LLM_ARGS = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 8}
+LLM_ARGS = {"dtype": "float32", "num_kv_blocks": 32, "block_size": 8, "weight_format": "native"}  # exact, for bit-level checks
 
 
 @dataclass(frozen=True)

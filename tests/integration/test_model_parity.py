@@ -65,7 +65,8 @@ def smollm2_reference(smollm2_gguf: Path) -> object:
 
 @pytest.fixture(scope="module")
 def smollm2_llm(smollm2_gguf: Path) -> LLM:
-    return LLM(str(smollm2_gguf), dtype="float32", kv_cache_memory=256 << 20, max_model_len=2048)
+    # "native": the exact path (the default "auto" runs this Q4_1 file's decode on int4/int8 kernels; see below)
+    return LLM(str(smollm2_gguf), dtype="float32", kv_cache_memory=256 << 20, max_model_len=2048, weight_format="native")
 
 
 def test_smollm2_logits_match_transformers_on_same_gguf(smollm2_reference: object, smollm2_llm: LLM) -> None:
@@ -91,3 +92,27 @@ def test_smollm2_greedy_reply_matches_transformers(smollm2_reference: object, sm
     assert len(expected) == 64  # the story is longer than 64 tokens: no early EOS on either side
     assert out[0].outputs[0].token_ids == expected
     assert out[0].outputs[0].text == smollm2_llm.tokenizer.decode(expected)
+
+
+def test_smollm2_auto_weights_stay_close_to_the_exact_path(smollm2_llm: LLM, smollm2_gguf: Path) -> None:
+    """The default weight format on a Q4_1 file (int4 projections reproducing the file, an int8 LM head) against
+    the exact path, on the text the benchmark measures perplexity on: its log-likelihood within 1%, and both
+    decode kernels (int4 for one row, the GEMM for many) give the same next-token choices."""
+    auto = LLM(str(smollm2_gguf), dtype="float32", kv_cache_memory=256 << 20, max_model_len=2048)
+    assert auto.engine.config.weight_format == "auto"
+    text = (Path(__file__).parents[2] / "bench" / "data" / "perplexity.txt").read_text()
+    ids = auto.tokenizer.encode(text)[:512]
+    target = torch.tensor(ids[1:])[:, None]
+
+    def mean_logprob(llm: LLM) -> float:
+        logprobs = torch.log_softmax(llm.score({"prompt_token_ids": ids})[:-1], dim=-1)
+        return logprobs.gather(1, target).mean().item()
+
+    exact, quantised = mean_logprob(smollm2_llm), mean_logprob(auto)
+    print(f"mean log-prob: native {exact:.4f}, auto {quantised:.4f}")
+    assert abs(quantised - exact) <= 0.01 * abs(exact)
+    prompt = {"prompt_token_ids": ids[:40]}
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    alone = auto.generate(prompt, params)[0].outputs[0].token_ids  # one row per step: int4 kernels
+    batched = auto.generate([prompt] * 12, params)[0].outputs[0].token_ids  # 12 rows per step: the GEMM
+    assert alone == batched

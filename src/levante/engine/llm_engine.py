@@ -62,7 +62,7 @@ class LLMEngine:
         if config.num_threads or config.device == "cpu":
             torch.set_num_threads(config.num_threads or ModelRunner.default_threads())
         self.loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
-        quantize_linears(self.loaded.model, config.weight_format, config.int8_max_rows)
+        quantize_linears(self.loaded.model, config.weight_format, config.quant_max_rows, self.loaded.quantization)
         self.tokenizer = self.loaded.tokenizer
         cfg = self.loaded.config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)

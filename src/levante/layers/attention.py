@@ -70,6 +70,8 @@ class PagedAttention(nn.Module):
         block_size = self.k_cache.shape[1]
         self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
         self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        if meta.num_decode == q.shape[0]:  # a decode-only step
+            return self._decode(q, meta, block_size).reshape(q.shape[0], -1)
         out = torch.empty_like(q)
         if meta.num_decode:
             out[: meta.num_decode] = self._decode(q[: meta.num_decode], meta, block_size)

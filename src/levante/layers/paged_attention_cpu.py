@@ -3,11 +3,11 @@
 The portable path (layers/attention.py) gathers every sequence's blocks into a padded
 tensor and calls SDPA: two copies of the whole context per layer per step, and a masked
 GQA attention that is slow for one query. This kernel walks each sequence's block table
-instead, one sequence per task (each token's row, all KV heads, is read once), keeping scores
-and sums in float32:
+instead, one task per (sequence, query head), scores and sums in float32, in AVX-512
+registers where the CPU has it (head sizes 64 and 128 unrolled; a vectorised exp):
 
-    for t in window(ctx_len):  s[g, t] = q[g] . K[block_table[t // bs], t % bs]    (g: the query heads sharing the KV head)
-    p = softmax(s);            out[g]  = sum_t p[g, t] V[...]
+    for t in window(ctx_len):  s[t] = q . K[block_table[t // bs], t % bs, kv_head(h)]
+    p = softmax(s);            out  = sum_t p[t] V[block_table[t // bs], t % bs, kv_head(h)]
 
 It is compiled once with the machine's own compiler (gcc via torch.utils.cpp_extension, cached
 under ~/.cache/torch_extensions). When that is impossible the caller keeps the portable path.
@@ -33,43 +33,107 @@ _SOURCE = r"""
 #include <immintrin.h>
 #endif
 
-// Rows of the cache are converted to float32 16 lanes at a time where AVX-512 exists.
-template <typename T> static inline void row_to_float(const T* src, float* dst, int64_t n) {
-  int64_t i = 0;
+// One task per (sequence, query head): the head's scores over its window, softmax, weighted sum of V.
+// K/V rows are read straight from their blocks (bf16/f16 widened to float32 in registers) and are
+// hot in cache for the other query heads of the same KV head (GQA).
+
 #if defined(__AVX512F__)
+template <typename T> static inline __m512 load16(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_loadu_ps(src + i));
+    return _mm512_loadu_ps(p);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    for (; i + 16 <= n; i += 16) {
-      __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-      _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+}
+
+// exp for x <= 0 (scores minus their max): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2]; ~1 ulp.
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 y = _mm512_set1_ps(1.f / 5040.f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 720.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 120.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 24.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 6.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(y, n);
+}
+#endif
+
+// Scores of one query head over tokens [start, len) of one sequence. D16: head_dim / 16 when the
+// AVX-512 path applies (compile-time for the common head sizes, so accumulators stay in registers).
+template <typename T, int D16>
+static void head_attention(const float* qh, const T* kp, const T* vp, const int64_t* table, int64_t bs, int64_t row,
+                           int64_t start, int64_t len, int64_t D, float* scores, float* acc) {
+  const int64_t n = len - start;
+#if defined(__AVX512F__)
+  if constexpr (D16 > 0) {
+    __m512 q[D16];
+    for (int i = 0; i < D16; ++i) q[i] = _mm512_loadu_ps(qh + 16 * i);
+    float m = -INFINITY;
+    for (int64_t t = start, blk = start / bs, off = start % bs; t < len; ++t) {
+      const T* k = kp + (table[blk] * bs + off) * row;
+      if (++off == bs) { off = 0; ++blk; }
+      __m512 s = _mm512_mul_ps(q[0], load16(k));
+      for (int i = 1; i < D16; ++i) s = _mm512_fmadd_ps(q[i], load16(k + 16 * i), s);
+      const float v = _mm512_reduce_add_ps(s);
+      scores[t - start] = v;
+      m = std::max(m, v);
     }
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+    __m512 sum = _mm512_setzero_ps();
+    const __m512 mv = _mm512_set1_ps(m);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + i), mv));
+      _mm512_storeu_ps(scores + i, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (i < n) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + i), mv));
+      _mm512_mask_storeu_ps(scores + i, mask, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+    }
+    const float inv = 1.f / _mm512_reduce_add_ps(sum);
+    __m512 a[D16];
+    for (int j = 0; j < D16; ++j) a[j] = _mm512_setzero_ps();
+    for (int64_t t = start, blk = start / bs, off = start % bs; t < len; ++t) {
+      const T* v = vp + (table[blk] * bs + off) * row;
+      if (++off == bs) { off = 0; ++blk; }
+      const __m512 p = _mm512_set1_ps(scores[t - start]);
+      for (int j = 0; j < D16; ++j) a[j] = _mm512_fmadd_ps(p, load16(v + 16 * j), a[j]);
+    }
+    const __m512 iv = _mm512_set1_ps(inv);
+    for (int j = 0; j < D16; ++j) _mm512_storeu_ps(acc + 16 * j, _mm512_mul_ps(a[j], iv));
+    return;
   }
 #endif
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-static inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float s = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  s = _mm512_reduce_add_ps(acc);
-#endif
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-static inline void axpy(float p, const float* x, float* y, int64_t n) {  // y += p * x
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  __m512 pv = _mm512_set1_ps(p);
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(pv, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-#endif
-  for (; i < n; ++i) y[i] += p * x[i];
+  float m = -INFINITY;
+  for (int64_t t = start, blk = start / bs, off = start % bs; t < len; ++t) {
+    const T* k = kp + (table[blk] * bs + off) * row;
+    if (++off == bs) { off = 0; ++blk; }
+    float s = 0.f;
+    for (int64_t d = 0; d < D; ++d) s += qh[d] * static_cast<float>(k[d]);
+    scores[t - start] = s;
+    m = std::max(m, s);
+  }
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) { scores[i] = std::exp(scores[i] - m); sum += scores[i]; }
+  std::fill(acc, acc + D, 0.f);
+  for (int64_t t = start, blk = start / bs, off = start % bs; t < len; ++t) {
+    const T* v = vp + (table[blk] * bs + off) * row;
+    if (++off == bs) { off = 0; ++blk; }
+    const float p = scores[t - start];
+    for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
+  }
+  const float inv = 1.f / sum;
+  for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
 }
 
 template <typename scalar_t>
@@ -86,39 +150,28 @@ static void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const 
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* lens = ctx_lens.data_ptr<int64_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t row = Hkv * D;  // elements per token in the cache: every KV head, read in one sweep
+  const int64_t row = Hkv * D;  // elements per token in the cache
+  int64_t longest = 1;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lens[b]);
 
-  // One task per sequence: each token's row (all KV heads, contiguous within its block) is read once.
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(H * D), acc(H * D), kv(row), scores;
-    for (int64_t b = begin; b < end; ++b) {
+  // Tasks: (sequence, query head); consecutive heads share a KV head, so its rows stay in cache.
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(D), acc(D), scores(longest + 16);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H, g = h / G;
       const int64_t len = lens[b];
       const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t n = len - start;
-      if (n <= 0) continue;
-      row_to_float(qp + b * H * D, qf.data(), H * D);
-      for (int64_t i = 0; i < H * D; ++i) qf[i] *= static_cast<float>(scale);
-      scores.resize(H * n);
+      scalar_t* o = op + (b * H + h) * D;
+      if (len - start <= 0) { std::fill(o, o + D, scalar_t(0)); continue; }
+      const scalar_t* qh = qp + (b * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(qh[d]) * static_cast<float>(scale);
       const int64_t* table = bt + b * max_blocks;
-      for (int64_t t = start; t < len; ++t) {
-        row_to_float(kp + (table[t / bs] * bs + t % bs) * row, kv.data(), row);
-        for (int64_t h = 0; h < H; ++h) scores[h * n + (t - start)] = dot(qf.data() + h * D, kv.data() + (h / G) * D, D);
-      }
-      for (int64_t h = 0; h < H; ++h) {
-        float* sh = scores.data() + h * n;
-        const float m = *std::max_element(sh, sh + n);
-        float sum = 0.f;
-        for (int64_t i = 0; i < n; ++i) { sh[i] = std::exp(sh[i] - m); sum += sh[i]; }
-        const float inv = 1.f / sum;
-        for (int64_t i = 0; i < n; ++i) sh[i] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = start; t < len; ++t) {
-        row_to_float(vp + (table[t / bs] * bs + t % bs) * row, kv.data(), row);
-        for (int64_t h = 0; h < H; ++h) axpy(scores[h * n + (t - start)], kv.data() + (h / G) * D, acc.data() + h * D, D);
-      }
-      scalar_t* ob = op + b * H * D;
-      for (int64_t i = 0; i < H * D; ++i) ob[i] = static_cast<scalar_t>(acc[i]);
+      const scalar_t* kh = kp + g * D;
+      const scalar_t* vh = vp + g * D;
+      if (D == 64) head_attention<scalar_t, 4>(qf.data(), kh, vh, table, bs, row, start, len, D, scores.data(), acc.data());
+      else if (D == 128) head_attention<scalar_t, 8>(qf.data(), kh, vh, table, bs, row, start, len, D, scores.data(), acc.data());
+      else head_attention<scalar_t, 0>(qf.data(), kh, vh, table, bs, row, start, len, D, scores.data(), acc.data());
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d]);
     }
   });
 }
@@ -157,9 +210,12 @@ def load_paged_decode() -> DecodeKernel | None:
         from torch.utils.cpp_extension import load_inline
 
         module: Any = load_inline(
-            name="levante_paged_attention_v3",
+            name="levante_paged_attention_v5",
             cpp_sources=[_SOURCE],
-            extra_cflags=["-O3", "-march=native", "-std=c++17"],
+            extra_cflags=["-O3", "-march=native", "-std=c++17", "-fopenmp"],
+            # OpenMP: at::parallel_for splits the work only when built with it; the libgomp torch
+            # loaded already (same soname) is the one used, so there is a single thread pool.
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, ...: the portable path still works

@@ -60,12 +60,22 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)  # [P, hd]
         self.cos_sin = torch.cat([emb.cos(), emb.sin()], dim=-1).to(device)
 
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin for a step's positions, once per step: [T, 1, hd] each.
+
+        Rotate-half is x * cos + cat(-x2, x1) * sin = x * cos + roll(x, hd/2) * cat(-sin1, sin2):
+        the sign moves from x onto sin, which is exact, and saves three ops per rotation.
+        """
+        cos, sin = self.cos_sin[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
+        half = self.head_dim // 2
+        return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T]; q: [T, H, hd]; k: [T, Hkv, hd]
-        cos, sin = self.cos_sin[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)  # [T, 1, hd] each
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        cos, sin = self.lookup(positions, q.dtype)
+        return rotate(q, cos, sin), rotate(k, cos, sin)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [T, heads, hd] with tables from `RotaryEmbedding.lookup`."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

@@ -16,7 +16,7 @@ from levante.config import TransformerConfig
 from levante.layers.attention import AttentionMetadata, PagedAttention
 from levante.layers.linear import Linear
 from levante.layers.norm import RMSNorm
-from levante.layers.rotary import RotaryEmbedding
+from levante.layers.rotary import RotaryEmbedding, rotate
 
 
 class Attention(nn.Module):
@@ -31,15 +31,14 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size)
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        # x: [T, D]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, hd]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, hd]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        # x: [T, D]; rope: the step's (cos, signed sin) tables, [T, 1, hd] each
+        qkv = self.qkv_proj(x)  # [T, q + 2 kv]
+        T = qkv.shape[0]
+        qk = qkv[:, : self.q_size + self.kv_size].view(T, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = rotate(qk, *rope)  # q and k heads side by side: one rotation for both
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, H, hd], [T, Hkv, hd]
+        v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -64,10 +63,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -90,8 +87,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden: [T, D]
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions, x.dtype)  # once per step, shared by every layer
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, meta)
+            x = layer(x, rope, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

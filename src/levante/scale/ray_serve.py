@@ -33,6 +33,7 @@ from levante.config import EngineConfig
 from levante.engine.async_engine import AsyncLLMEngine
 from levante.engine.llm_engine import LLMEngine, PromptType
 from levante.engine.scheduler import EngineOverloadedError
+from levante.layers.linear import weight_bytes
 from levante.outputs import RequestOutput
 from levante.sampling_params import SamplingParams
 from levante.scale.options import DeployOptions, deployment_name
@@ -109,7 +110,7 @@ class LevanteModel:
 
     def _memory_bytes(self) -> int:
         engine = self.engine.engine
-        weights = sum(p.numel() * p.element_size() for p in engine.loaded.model.parameters())
+        weights = weight_bytes(engine.loaded.model)
         return weights + engine.runner.kv_cache.numel() * engine.runner.kv_cache.element_size()
 
     def __del__(self) -> None:

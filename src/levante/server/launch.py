@@ -27,7 +27,7 @@ class ServeOptions:
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)
     dtype: str = "auto"
-    weight_format: str = "native"
+    weight_format: str = "auto"  # layers/linear.py
     device: str = "cpu"
     max_model_len: int | None = None
     kv_cache_memory: int | None = None  # bytes

@@ -15,6 +15,7 @@ from fastapi import Request
 from levante.config import EngineConfig
 from levante.engine.async_engine import AsyncLLMEngine
 from levante.engine.llm_engine import EngineStats, LLMEngine, PromptType
+from levante.layers.linear import weight_bytes
 from levante.loaders.chat_template import ChatFormat, ChatTemplateError, Message
 from levante.loaders.loader import LoadedModel
 from levante.outputs import OutputAccumulator, RequestOutput
@@ -87,7 +88,7 @@ class ServedModel:
     @property
     def memory_bytes(self) -> int:
         """Weights plus the KV pool (its whole budget: on CPU it is committed as it fills)."""
-        weights = sum(p.numel() * p.element_size() for p in self.loaded.model.parameters())
+        weights = weight_bytes(self.loaded.model)
         kv_cache = self.local_engine.runner.kv_cache
         return weights + kv_cache.numel() * kv_cache.element_size()
 
