@@ -38,6 +38,12 @@ def test_top_k_top_p_min_p_truncate_the_distribution() -> None:
     assert kept[3:].sum() == 0 and kept[2] > 0.1
 
 
+def test_top_k_1_is_greedy_even_with_tied_maxima() -> None:
+    tied = torch.tensor([[1.0, 3.0, 0.5, 3.0, 2.0]])  # bfloat16 logits tie often
+    freq = frequencies(SamplingParams(temperature=1.0, top_k=1), n=200, logits=tied)
+    assert freq.tolist() == [0.0, 1.0, 0.0, 0.0, 0.0]  # always argmax's choice, the first maximum
+
+
 def test_penalties_match_their_definitions() -> None:
     logits = torch.tensor([[2.0, -1.0, 0.5, 0.0]])
     params = SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)

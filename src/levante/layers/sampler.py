@@ -52,8 +52,9 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.G
     _apply_biases(logits, rows)
     _apply_penalties(logits, rows)
     tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
-    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    # top_k=1 is greedy: one candidate, the first maximum (sampling among tied maxima would not be)
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy or r.params.top_k == 1]
+    sampled = [i for i, r in enumerate(rows) if not (r.params.greedy or r.params.top_k == 1)]
     if greedy:
         tokens[greedy] = logits[greedy].argmax(dim=-1)
     if sampled:
