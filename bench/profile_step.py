@@ -67,30 +67,36 @@ def op_group(name: str) -> str:
     return "other torch ops"
 
 
+def decode_steps(llm: LLM, prompts: list[str], params: SamplingParams, tag: str) -> list[float]:
+    """Seconds of each decode step of a greedy run of `prompts` (after their prefill)."""
+    engine = llm.engine
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", p, params)
+    engine.step()  # prefill
+    times: list[float] = []
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def measure(llm: LLM, batch: int, new_tokens: int) -> None:
     prompts = [f"Write a short story about a lighthouse keeper number {i}." for i in range(batch)]
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0)
     llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-    engine = llm.engine
-    for i, p in enumerate(prompts):
-        engine.add_request(f"p{batch}-{i}", p, params)
-    engine.step()  # prefill
-    times: list[float] = []
+    wall = statistics.median(decode_steps(llm, prompts, params, f"t{batch}"))  # timed without the profiler
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        while engine.has_unfinished_requests():
-            start = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - start)
+        times = decode_steps(llm, prompts, params, f"p{batch}")
     steps = len(times)
-    wall = statistics.median(times)
     groups: dict[str, float] = {}
     for evt in prof.key_averages():
         if evt.key.startswith(("aten::", "mkldnn")) or evt.key == "paged_decode":
             group = op_group(evt.key)
             groups[group] = groups.get(group, 0.0) + evt.self_cpu_time_total / 1e6
     profiled = sum(times)
-    print(f"\nbatch {batch}: {wall * 1e3:.1f} ms per decode step (median of {steps}), {batch / wall:.0f} tok/s")
-    print("  (shares from the profiled run, which the profiler itself slows)")
+    print(f"\nbatch {batch}: {wall * 1e3:.1f} ms per decode step (median of {steps}, no profiler), {batch / wall:.0f} tok/s")
+    print(f"  profiled run: {profiled / steps * 1e3:.1f} ms per step, of which")
     accounted = 0.0
     for group in (*GROUPS, "other torch ops"):
         seconds = groups.get(group, 0.0)
