@@ -36,12 +36,11 @@ class _Add:
     loop: asyncio.AbstractEventLoop
 
 
-class RequestStream:
-    """The deltas of one submitted request, in order. Leaving the iteration early aborts the request."""
+class QueuedOutputStream:
+    """One request's deltas, read from a queue its producer fills (an exception ends it with that
+    error). Leaving the iteration before the last delta calls `abort`."""
 
-    def __init__(self, engine: AsyncLLMEngine, request_id: str, queue: asyncio.Queue[RequestOutput | BaseException]) -> None:
-        self.engine = engine
-        self.request_id = request_id
+    def __init__(self, queue: asyncio.Queue[RequestOutput | BaseException]) -> None:
         self._queue = queue
         self.finished = False
 
@@ -60,6 +59,18 @@ class RequestStream:
         finally:
             if not self.finished:
                 self.abort()
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+
+class RequestStream(QueuedOutputStream):
+    """The deltas of one request submitted to this process's engine."""
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str, queue: asyncio.Queue[RequestOutput | BaseException]) -> None:
+        super().__init__(queue)
+        self.engine = engine
+        self.request_id = request_id
 
     def abort(self) -> None:
         if not self.finished:

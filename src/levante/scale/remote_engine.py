@@ -16,13 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from levante.engine.async_engine import EngineDeadError
+from levante.engine.async_engine import EngineDeadError, QueuedOutputStream
 from levante.engine.llm_engine import EngineStats, PromptType
 from levante.outputs import RequestOutput
 from levante.sampling_params import SamplingParams
@@ -124,33 +123,16 @@ class RemoteEngine:
             self._unavailable = None
 
 
-class RemoteStream:
+class RemoteStream(QueuedOutputStream):
     """One request on a replica. A task pumps the replica's stream into a queue from the start, so
     the replica id (and a refusal) is known before the response's headers go out."""
 
     def __init__(self, engine: RemoteEngine, prompt: PromptType, params: SamplingParams, request_id: str) -> None:
+        super().__init__(asyncio.Queue())
         self.engine = engine
         self.request_id = request_id
         self.accepted = track_call()
-        self.finished = False
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._pump(prompt, params))
-
-    def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[RequestOutput]:
-        try:
-            while not self.finished:
-                item = await self._queue.get()
-                if isinstance(item, BaseException):
-                    self.finished = True
-                    raise item
-                self.finished = item.finished
-                yield item
-        finally:
-            if not self.finished:
-                self.abort()
 
     def abort(self) -> None:
         """Stop the call: Serve cancels the replica's generator, which aborts the engine request."""
