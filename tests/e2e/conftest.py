@@ -50,8 +50,10 @@ def chromium_path() -> str | None:
     return shutil.which("chromium")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """Module-scoped: playwright's sync API runs an event loop on this thread until it stops, and
+    tests after these ones call asyncio.run (which refuses to run inside another loop)."""
     executable = chromium_path()
     if executable is None:
         reason = "Debian's chromium is not installed (apt-get install chromium; .ci/run does it)"
