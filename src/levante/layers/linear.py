@@ -11,11 +11,12 @@ Weight formats (`--weight-format`):
   zero point (asymmetric), run by `_weight_int4pack_mm_for_cpu` (CPU only; elsewhere int8).
   A quarter of bfloat16's bytes. It is the layout of GGUF's Q4_0/Q4_1/Q4_K blocks, so weights
   that came from such a file are reproduced up to the rounding of scales to the model dtype.
-- "auto" (the default): for checkpoints stored in 4 bits (GGUF Q4_0/Q4_1/Q4_K, ...), int4 copies of
-  the projections (which reproduce them) and an int8 copy of the LM head (GGUF keeps it in 6 or 8
-  bits); other checkpoints stay native. Calls of few rows (decode of small batches: memory-bound)
-  run the quantised kernels, the others (prefill, large batches: compute-bound) the native GEMM on
-  the same weights, dequantised once: a request's result does not depend on its batch.
+- "auto" (the default): on CPU, for checkpoints stored in 4 bits (GGUF Q4_0/Q4_1/Q4_K, ...), int4
+  copies of the projections (which reproduce them) and an int8 copy of the LM head (GGUF keeps it
+  in 6 or 8 bits); other checkpoints, and models on a GPU, stay native. Calls of few rows (decode
+  of small batches: memory-bound) run the quantised kernels, the others (prefill, large batches:
+  compute-bound) the native GEMM on the same weights, dequantised once: a request's result does
+  not depend on its batch.
 """
 
 from __future__ import annotations
@@ -167,11 +168,12 @@ def four_bit_checkpoint(checkpoint_quantization: str) -> bool:
 def quantize_linears(model: nn.Module, fmt: str, max_rows: int = 8, checkpoint_quantization: str = "") -> None:
     """Give every projection (attention, MLP, LM head) the weight format `fmt`; embeddings and experts keep theirs.
 
-    "auto" quantises only 4-bit checkpoints (see the module's docstring); the others keep native weights.
+    "auto" quantises only 4-bit checkpoints on CPU (see the module's docstring); the others keep native weights.
     The LM head is never taken below 8 bits (GGUF files keep it in 6 or 8; 4 bits cost SmolLM2 5% perplexity).
     """
-    if fmt == "auto" and not four_bit_checkpoint(checkpoint_quantization):
-        return
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if fmt == "auto" and not (on_cpu and four_bit_checkpoint(checkpoint_quantization)):
+        return  # the int4 kernel is CPU-only; elsewhere "auto" is native
     lm_head = getattr(model, "lm_head", None)
     for module in model.modules():
         if isinstance(module, Linear):
