@@ -522,7 +522,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run under 2 minutes")
     parser.add_argument(
         "--systems", default=",".join(SYSTEMS),
-        help="comma-separated subset of levante,hf,llamacpp; levante@FORMAT runs Levante with --weight-format FORMAT (native, int8, auto)",
+        help="comma-separated subset of levante,hf,llamacpp; levante@FORMAT runs Levante with --weight-format FORMAT (auto, native, int8, int4)",
     )
     parser.add_argument("--json", type=Path, help="also write all results to this file")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (Levante, HF) and llama.cpp n_threads")
