@@ -388,7 +388,8 @@ def test_client_disconnect_aborts_the_request(smollm2_server: Server) -> None:
     ) as r:
         assert r.status_code == 200
         seen = 0
-        for line in r.iter_lines():
+        lines = r.iter_lines()  # held: a dropped line iterator closes the response (httpx), which is a disconnect
+        for line in lines:
             seen += line.startswith("data: ")
             if seen == 3:  # the role chunk and two tokens
                 break
