@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 ARCHITECTURES = ("llama", "mistral", "mixtral")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -198,8 +199,13 @@ class CacheConfig:
     memory_fraction: float = 0.25  # of available host/device memory when no explicit budget
     num_blocks: int | None = None  # fixed block count (tests); overrides both
     enable_prefix_caching: bool = True
+    # "auto": float16 on CPU when the projections run on quantised weights (the KV reads of a decode step
+    # halve; the weights are approximate already), else the model dtype. Or "float32", "bfloat16", "float16".
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"KV cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.dtype!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if not 0 < self.memory_fraction <= 0.95:
@@ -235,7 +241,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context length
     seed: int = 0
     num_threads: int | None = None  # CPU intra-op threads; default: cores available to this process
-    attention_backend: str = "auto"  # "auto": the native CPU paged kernel when it builds; "torch": portable SDPA
+    attention_backend: str = "auto"  # "auto": native CPU kernels (paged decode attention, fused norm/rotary/silu) when they build; "torch": portable torch ops
     weight_format: str = "auto"  # "auto" (4-bit checkpoints: int4 kernels for small steps), "native", "int8", "int4"
     quant_max_rows: int = 8  # with "auto": steps of at most this many tokens use the quantised copy
     cache: CacheConfig = field(default_factory=CacheConfig)

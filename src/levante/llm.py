@@ -34,6 +34,7 @@ class LLM:
         num_threads: int | None = None,
         attention_backend: str = "auto",
         weight_format: str = "auto",
+        kv_cache_dtype: str = "auto",
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -49,6 +50,7 @@ class LLM:
                 num_blocks=num_kv_blocks,
                 memory_bytes=kv_cache_memory,
                 enable_prefix_caching=enable_prefix_caching,
+                dtype=kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,

@@ -1,10 +1,13 @@
-"""Quantised weight formats (int8, int4, auto) against the native projection."""
+"""Quantised weight formats (int8, int4, auto) against the native projection: torch's weight-only kernels
+(`Linear.quantize`, the path of CPUs without VNNI) and the block-quantised kernel (`quantize_linears`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from levante.layers.block_quant import BlockQuantWeight
+from levante.layers.cpu_kernels import load_cpu_kernels
 from levante.layers.linear import (
     INT4_GROUP,
     Int4Weight,
@@ -12,6 +15,7 @@ from levante.layers.linear import (
     Linear,
     four_bit_checkpoint,
     quantize_linears,
+    quantized_checkpoint,
 )
 
 
@@ -113,14 +117,62 @@ def test_auto_keeps_other_checkpoints_native(tiny_model) -> None:  # type: ignor
 
 
 def test_auto_on_a_four_bit_checkpoint(tiny_model) -> None:  # type: ignore[no-untyped-def]
-    """A Q4 checkpoint's projections get int4 copies, its LM head int8; native weights equal the copies."""
+    """On a CPU with the VNNI kernel, a Q4 checkpoint's projections become 4-bit blocks and its LM head 8-bit
+    ones, run at every batch size; the native weights are dropped."""
     from levante import LLM
+
+    kernels = load_cpu_kernels()
+    if kernels is None or not kernels.vnni:
+        pytest.skip("no AVX512-VNNI kernel here (the fallback is tested below)")
+    llm = LLM(str(tiny_model("llama")), dtype="float32", num_kv_blocks=32, block_size=8, weight_format="native")
+    model = llm.engine.loaded.model
+    x = torch.randn(3, model.config.hidden_size)
+    lin = model.layers[0].self_attn.qkv_proj
+    exact = lin(x)
+    quantize_linears(model, "auto", 8, checkpoint_quantization="Q4_1")
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert all(isinstance(m.quantized, BlockQuantWeight) for m in linears)
+    assert all(m.quantized.bits == (8 if m is model.lm_head else 4) for m in linears)  # type: ignore[union-attr]
+    assert all(m.weight.numel() == 0 for m in linears)
+    got = lin(x)  # 4 bits and int8 activations: close to the float projection, not equal
+    assert (got - exact).abs().max().item() <= 0.15 * exact.abs().max().item()
+    assert torch.equal(lin(x[:1]), got[:1])  # the same arithmetic whatever the number of rows
+
+
+def test_auto_on_a_four_bit_checkpoint_without_vnni(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Where the integer kernel cannot run, a Q4 checkpoint gets torch's int4 copies for few rows and native weights
+    equal to them for many."""
+    from levante import LLM
+    from levante.layers import linear
 
     llm = LLM(str(tiny_model("llama")), dtype="float32", num_kv_blocks=32, block_size=8, weight_format="native")
     model = llm.engine.loaded.model
+    monkeypatch.setattr(linear, "load_cpu_kernels", lambda: None)
     quantize_linears(model, "auto", 8, checkpoint_quantization="Q4_1")
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert all(isinstance(m.quantized, Int8Weight if m is model.lm_head else Int4Weight) for m in linears)
     x = torch.randn(3, linears[0].in_features)
     lin = linears[0]
     assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight), rtol=1e-4, atol=1e-4)
+
+
+def test_formats_keep_an_moe_router_native(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from levante import LLM
+
+    llm = LLM(str(tiny_model("mixtral")), dtype="float32", num_kv_blocks=32, block_size=8, weight_format="int8")
+    routers = [m.gate for m in llm.engine.loaded.model.modules() if hasattr(m, "w13")]
+    assert routers and all(r.quantized is None and r.weight.numel() > 0 for r in routers)
+
+
+def test_residual_is_added_on_every_path() -> None:
+    lin = make(torch.float32)
+    x, residual = torch.randn(4, 192), torch.randn(4, 320)
+    expected = lin(x) + residual
+    assert torch.allclose(lin(x, residual), expected, atol=1e-5)  # native: addmm
+    lin.quantize("int8", max_rows=16)
+    assert torch.allclose(lin(x, residual), lin(x) + residual, atol=1e-6)  # torch's int8 kernel
+
+
+def test_quantized_checkpoint_names() -> None:
+    assert quantized_checkpoint("Q4_1") and quantized_checkpoint("Q8_0") and quantized_checkpoint("Q6_K")
+    assert quantized_checkpoint("IQ4_XS") and not quantized_checkpoint("F16") and not quantized_checkpoint("bfloat16")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import time
@@ -14,13 +15,13 @@ import torch
 from levante.config import EngineConfig
 from levante.engine.block_manager import BlockManager
 from levante.engine.detokenizer import IncrementalDetokenizer
-from levante.engine.model_runner import ModelRunner, StepResult, num_kv_blocks
+from levante.engine.model_runner import ModelRunner, StepResult, kv_cache_dtype, num_kv_blocks
 from levante.engine.scheduler import Scheduler
 from levante.engine.sequence import FinishReason
 from levante.engine.sequence import Sequence as Seq
 from levante.layers.linear import quantize_linears
 from levante.layers.sampler import TokenLogprobs
-from levante.loaders.loader import LoadedModel, load_model
+from levante.loaders.loader import LoadedModel, gguf_blocks, load_model
 from levante.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from levante.sampling_params import SamplingParams
 
@@ -62,12 +63,18 @@ class LLMEngine:
         if config.num_threads or config.device == "cpu":
             torch.set_num_threads(config.num_threads or ModelRunner.default_threads())
         self.loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
-        quantize_linears(self.loaded.model, config.weight_format, config.quant_max_rows, self.loaded.quantization)
+        stored = gguf_blocks(self.loaded) if config.weight_format != "native" else None
+        try:
+            quantize_linears(self.loaded.model, config.weight_format, config.quant_max_rows, self.loaded.quantization, stored)
+        finally:
+            if stored is not None:
+                stored.close()
         self.tokenizer = self.loaded.tokenizer
         cfg = self.loaded.config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         cache = config.cache
-        blocks = num_kv_blocks(cache, cfg, self.loaded.dtype, self.loaded.device)
+        self.kv_dtype = kv_cache_dtype(cache.dtype, self.loaded.model, self.loaded.dtype, self.loaded.device)
+        blocks = num_kv_blocks(cache, cfg, self.kv_dtype, self.loaded.device)
         if blocks * cache.block_size < self.max_model_len:
             if config.max_model_len is not None:
                 raise ValueError(
@@ -81,13 +88,18 @@ class LLMEngine:
         self.block_manager = BlockManager(blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self.runner = ModelRunner(
-            self.loaded.model, blocks, cache.block_size, self.loaded.device, config.seed, config.attention_backend
+            self.loaded.model, blocks, cache.block_size, self.loaded.device, config.seed, config.attention_backend,
+            self.kv_dtype,
         )
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
+        # The model's many long-lived objects need no cycle collection: move them out of the collector's
+        # generations, so that the collections serving triggers (it allocates per token) stay cheap.
+        gc.collect()
+        gc.freeze()
         logger.info(
-            "engine ready: %s, %d KV blocks of %d tokens, max_model_len %d",
-            self.loaded.name, blocks, cache.block_size, self.max_model_len,
+            "engine ready: %s, %d KV blocks of %d tokens (%s), max_model_len %d",
+            self.loaded.name, blocks, cache.block_size, str(self.kv_dtype).removeprefix("torch."), self.max_model_len,
         )
 
     # ---- requests -------------------------------------------------------------------------

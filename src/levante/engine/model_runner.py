@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from levante.config import CacheConfig, TransformerConfig
+from levante.config import DTYPES, CacheConfig, TransformerConfig
 from levante.engine.scheduler import ScheduledBatch
 from levante.engine.sequence import Sequence
 from levante.layers.attention import AttentionMetadata, PrefillChunk
-from levante.layers.paged_attention_cpu import load_paged_decode
+from levante.layers.cpu_kernels import load_cpu_kernels
+from levante.layers.linear import Linear
 from levante.layers.sampler import SamplerOutput, SamplingRow, TokenLogprobs, prompt_logprobs, sample
 from levante.models.llama import LlamaForCausalLM
 
@@ -50,6 +51,18 @@ def available_memory(device: torch.device) -> int:
     return 4 << 30
 
 
+def kv_cache_dtype(name: str, model: torch.nn.Module, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV pool's dtype: CacheConfig.dtype, where "auto" is float16 for a float32 model on CPU whose
+    projections run on quantised weights (a decode step then reads half the bytes of K/V; the weights'
+    own quantisation error is far larger than float16's), else the model dtype."""
+    if name != "auto":
+        return DTYPES[name]
+    quantised = any(isinstance(m, Linear) and m.quantized is not None for m in model.modules())
+    if device.type == "cpu" and quantised and model_dtype == torch.float32:
+        return torch.float16
+    return model_dtype
+
+
 def num_kv_blocks(cache: CacheConfig, cfg: TransformerConfig, dtype: torch.dtype, device: torch.device) -> int:
     if cache.num_blocks is not None:
         return cache.num_blocks
@@ -74,20 +87,23 @@ class ModelRunner:
     def __init__(
         self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device, seed: int,
         attention_backend: str = "auto",
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
         self.generator = torch.Generator(device=device).manual_seed(seed)
         cfg = model.config
-        dtype = model.embed_tokens.weight.dtype
+        dtype = kv_dtype or model.embed_tokens.weight.dtype
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_cache = _zeroed_pool((2, cfg.num_layers, *shape), dtype, device)
-        kernel = load_paged_decode() if device.type == "cpu" and attention_backend != "torch" else None
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache = self.kv_cache[0, i]
             attn.v_cache = self.kv_cache[1, i]
-            attn.decode_kernel = kernel
+        # "torch": every op portable (the reference the kernels are tested against)
+        kernels = load_cpu_kernels() if device.type == "cpu" and attention_backend != "torch" else None
+        model.use_cpu_kernels(kernels)
+        self.argmax = kernels.argmax_rows if kernels is not None else None
 
     @staticmethod
     def default_threads() -> int:
@@ -192,4 +208,4 @@ class ModelRunner:
             if seq.num_output_tokens < p.min_tokens:
                 banned = list(p.stop_token_ids or []) + list(seq.detokenizer.tokenizer.eos_token_ids if not p.ignore_eos else [])
             rows.append(SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.generator, banned))
-        return sample(logits, rows, self.generator)
+        return sample(logits, rows, self.generator, self.argmax)

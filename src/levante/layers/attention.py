@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from levante.layers.paged_attention_cpu import DecodeKernel
+from levante.layers.cpu_kernels import CpuKernels
 
 
 @dataclass
@@ -63,13 +63,17 @@ class PagedAttention(nn.Module):
         # Bound by the model runner when it allocates the pool.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
-        self.decode_kernel: DecodeKernel | None = None  # a native paged kernel, when the runner has one
+        self.decode_kernel: CpuKernels | None = None  # the native paged decode kernel, when the runner has it
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # q: [T, H, hd]; k, v: [T, Hkv, hd] -> out: [T, H * hd]
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, stored: bool = False
+    ) -> torch.Tensor:
+        # q: [T, H, hd]; k, v: [T, Hkv, hd] -> out: [T, H * hd]. `stored`: k and v are in the cache already.
         block_size = self.k_cache.shape[1]
-        self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        if not stored:
+            cache_dtype = self.k_cache.dtype
+            self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k.to(cache_dtype))
+            self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v.to(cache_dtype))
         if meta.num_decode == q.shape[0]:  # a decode-only step
             return self._decode(q, meta, block_size).reshape(q.shape[0], -1)
         out = torch.empty_like(q)
@@ -90,12 +94,12 @@ class PagedAttention(nn.Module):
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
         if self.decode_kernel is not None:
-            return self.decode_kernel(
+            return self.decode_kernel.paged_decode(
                 q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale, self.sliding_window
             )
         length = meta.decode_max_len
-        k = self._gather(self.k_cache, meta.decode_block_tables, length).transpose(1, 2)  # [B, Hkv, S, hd]
-        v = self._gather(self.v_cache, meta.decode_block_tables, length).transpose(1, 2)
+        k = self._gather(self.k_cache, meta.decode_block_tables, length).transpose(1, 2).to(q.dtype)  # [B, Hkv, S, hd]
+        v = self._gather(self.v_cache, meta.decode_block_tables, length).transpose(1, 2).to(q.dtype)
         key_pos = torch.arange(length, device=q.device)  # [S]
         ctx = meta.decode_context_lens.unsqueeze(1)  # [B, 1]
         mask = key_pos < ctx  # [B, S]
@@ -117,8 +121,10 @@ class PagedAttention(nn.Module):
         # q: [L, H, hd]; k, v: [L, Hkv, hd] (this chunk's new tokens)
         cached = chunk.ctx_len - chunk.q_len
         if cached:
-            k = self._gather(self.k_cache, chunk.block_table, chunk.ctx_len)  # [C, Hkv, hd]
-            v = self._gather(self.v_cache, chunk.block_table, chunk.ctx_len)
+            k = self._gather(self.k_cache, chunk.block_table, chunk.ctx_len).to(q.dtype)  # [C, Hkv, hd]
+            v = self._gather(self.v_cache, chunk.block_table, chunk.ctx_len).to(q.dtype)
+        elif self.k_cache.dtype != q.dtype:  # attend to K/V as the cache holds them, as later steps will
+            k, v = k.to(self.k_cache.dtype).to(q.dtype), v.to(self.v_cache.dtype).to(q.dtype)
         mask = None
         causal = True
         if cached or (self.sliding_window is not None and chunk.ctx_len > self.sliding_window):

@@ -2,30 +2,30 @@
 
 Weight formats (`--weight-format`):
 - "native": weights in the model dtype (bfloat16 / float32), `F.linear`.
-- "int8": int8 weights with one scale per output row (symmetric, round to nearest). Few rows
-  (decode of a small batch: memory-bound) run `_weight_int8pack_mm` on activations in the model
-  dtype, reading half the bytes of bfloat16; many rows (prefill, large batches: compute-bound)
-  dequantise the weights for the call. (Quantising activations too, for an int8 x int8 GEMM, cost
-  SmolLM2 about 5% of mean token log-probability: not kept.)
-- "int4": 4-bit weights (the LM head int8) in groups of 32 along the input, each group with its own scale and
-  zero point (asymmetric), run by `_weight_int4pack_mm_for_cpu` (CPU only; elsewhere int8).
-  A quarter of bfloat16's bytes. It is the layout of GGUF's Q4_0/Q4_1/Q4_K blocks, so weights
-  that came from such a file are reproduced up to the rounding of scales to the model dtype.
-- "auto" (the default): on CPU, for checkpoints stored in 4 bits (GGUF Q4_0/Q4_1/Q4_K, ...), int4
-  copies of the projections (which reproduce them) and an int8 copy of the LM head (GGUF keeps it
-  in 6 or 8 bits); other checkpoints, and models on a GPU, stay native. Calls of few rows (decode
-  of small batches: memory-bound) run the quantised kernels, the others (prefill, large batches:
-  compute-bound) the native GEMM on the same weights, dequantised once: a request's result does
-  not depend on its batch.
+- "auto" (the default): on a CPU with AVX512-VNNI, a quantised GGUF checkpoint keeps its blocks as
+  the file stores them (Q4_0/Q4_1/Q4_K in 4 bits, Q5_*/Q8_0 in 8, other types quantised to 8-bit
+  blocks) and runs every projection, prefill and decode alike, on the block-quantised integer kernel
+  (layers/block_quant.py: activations in int8 per block of 32, as llama.cpp does). Float checkpoints,
+  and models on a GPU, stay native. On a CPU without VNNI, 4-bit checkpoints get int4 copies for
+  decode steps of few rows (`_weight_int4pack_mm`) and the native GEMM on the same weights otherwise.
+- "int8" / "int4": 8- / 4-bit weights (the LM head never below 8 bits): blocks of 32 on the integer
+  kernel where it runs (the checkpoint's own blocks when it has them), else torch's weight-only
+  kernels (`_weight_int8pack_mm` with per-row scales, `_weight_int4pack_mm_for_cpu` in groups of 32).
+Whatever the format, every row of a step goes through the same arithmetic, so a request's result
+does not depend on what else is in its batch.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from levante.layers.block_quant import BLOCK, BlockQuant, BlockQuantWeight, quantize_blocks
+from levante.layers.cpu_kernels import CpuKernels, load_cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ INT4_GROUP = 32  # GGUF's block size: Q4_0/Q4_1 blocks and Q4_K sub-blocks
 
 
 class QuantizedWeight:
-    """A [out, in] weight in fewer bits: `mm(x)` = x W^T; `dequantize(dtype)` gives W back."""
+    """A [out, in] weight in fewer bits for torch's weight-only kernels: `mm(x)` = x W^T; `dequantize(dtype)` gives W back."""
 
     bits: int
 
@@ -112,19 +112,25 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.quantized: QuantizedWeight | None = None
+        self.quantized: QuantizedWeight | BlockQuantWeight | None = None
         self.quant_max_rows = 0  # calls with at most this many rows use the quantised weights
         self.keep_native = True
+        self.quantizable = True  # False keeps the native weights whatever the format (e.g. an MoE router)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, in] -> [T, out]
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [T, in] -> [T, out], plus residual [T, out] when given (fused where the kernel can)
         q = self.quantized
-        if q is not None:
-            if x.shape[0] <= self.quant_max_rows:
-                return q.mm(x)
-            if not self.keep_native:
-                return F.linear(x, q.dequantize(x.dtype))
-        return F.linear(x, self.weight)
+        if isinstance(q, BlockQuantWeight):
+            return q.mm(x, residual)
+        if q is not None and x.shape[0] <= self.quant_max_rows:
+            y = q.mm(x)
+        elif q is not None and not self.keep_native:
+            y = F.linear(x, q.dequantize(x.dtype))
+        elif residual is not None:
+            return torch.addmm(residual, x, self.weight.t())
+        else:
+            return F.linear(x, self.weight)
+        return y if residual is None else residual + y
 
     def quantize(self, fmt: str, max_rows: int, bits: int | None = None) -> None:
         """Quantise the weights: fmt "int8"/"int4" replace the native ones; "auto" makes a copy for
@@ -152,6 +158,23 @@ class Linear(nn.Module):
         if not self.keep_native:
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
 
+    def use_blocks(self, weight: BlockQuantWeight) -> None:
+        """Compute with block-quantised weights at every batch size; the native weights are dropped."""
+        self.quantized = weight
+        self.quant_max_rows = 1 << 62
+        self.keep_native = False
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype, device=self.weight.device), requires_grad=False)
+
+    def fused_operands(self) -> list[torch.Tensor] | None:
+        """The weight as the fused CPU decode step takes it: [packed, scales] of block-quantised weights,
+        [weight, empty] of native ones; None for torch's int4/int8 formats, which it does not run."""
+        q = self.quantized
+        if isinstance(q, BlockQuantWeight):
+            return [q.packed, q.scales]
+        if q is None:
+            return [self.weight, torch.empty(0)]
+        return None
+
     def quantized_nbytes(self) -> int:
         return self.quantized.nbytes() if self.quantized is not None else 0
 
@@ -165,19 +188,59 @@ def four_bit_checkpoint(checkpoint_quantization: str) -> bool:
     return any(q.startswith(p) for p in FOUR_BIT_CHECKPOINTS)
 
 
-def quantize_linears(model: nn.Module, fmt: str, max_rows: int = 8, checkpoint_quantization: str = "") -> None:
+def quantized_checkpoint(checkpoint_quantization: str) -> bool:
+    """Whether a checkpoint stores its projections quantised (any GGUF quant type, not F32/F16/BF16)."""
+    q = checkpoint_quantization.upper()
+    return q.startswith(("Q", "IQ", "TQ"))
+
+
+class BlockSource(Protocol):
+    def get(self, param: str) -> BlockQuant | None: ...
+
+
+def quantize_linears(
+    model: nn.Module, fmt: str, max_rows: int = 8, checkpoint_quantization: str = "", blocks: BlockSource | None = None
+) -> None:
     """Give every projection (attention, MLP, LM head) the weight format `fmt`; embeddings and experts keep theirs.
 
-    "auto" quantises only 4-bit checkpoints on CPU (see the module's docstring); the others keep native weights.
-    The LM head is never taken below 8 bits (GGUF files keep it in 6 or 8; 4 bits cost SmolLM2 5% perplexity).
+    `blocks` gives a checkpoint's stored blocks by parameter name (a GGUF file's), used as they are where
+    the format allows. See the module's docstring for what each format does where.
     """
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"weight format must be one of {WEIGHT_FORMATS}, got {fmt!r}")
+    if fmt == "native":
+        return
     on_cpu = next(model.parameters()).device.type == "cpu"
+    kernels = load_cpu_kernels() if on_cpu else None
+    if kernels is not None and kernels.vnni and (fmt != "auto" or quantized_checkpoint(checkpoint_quantization)):
+        _use_blocks(model, fmt, kernels, blocks)
+        return
     if fmt == "auto" and not (on_cpu and four_bit_checkpoint(checkpoint_quantization)):
         return  # the int4 kernel is CPU-only; elsewhere "auto" is native
     lm_head = getattr(model, "lm_head", None)
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, Linear) and module.quantizable:
             module.quantize(fmt, max_rows, 8 if module is lm_head else 4)
+
+
+def _use_blocks(model: nn.Module, fmt: str, kernels: CpuKernels, blocks: BlockSource | None) -> None:
+    lm_head = getattr(model, "lm_head", None)
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear) or not module.quantizable:
+            continue
+        bits = 8 if fmt == "int8" or module is lm_head else 4  # "auto": the stored ones
+        bq = blocks.get(f"{name}.weight") if blocks is not None else None
+        if bq is not None and fmt == "int4" and bq.bits > bits:
+            bq = None  # stored in more bits than asked for: quantise the weights anew
+        if bq is None:
+            if module.in_features % BLOCK or module.weight.numel() == 0:
+                module.quantize("int8" if fmt == "auto" else fmt, 1 << 62)  # no blocks of 32: torch's kernels
+                continue
+            bq = quantize_blocks(module.weight.detach(), bits)
+        if fmt == "int8" and bq.bits < 8:
+            bq = BlockQuant(bq.q, bq.d, bq.m, 8)  # the same values in 8-bit storage
+        module.use_blocks(BlockQuantWeight(bq, kernels))
+
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of a model's weights: its parameters (tied ones once) plus the quantised copies."""

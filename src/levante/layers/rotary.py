@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +40,24 @@ def _llama3_scale(inv_freq: torch.Tensor, scaling: dict[str, Any], factor: float
     return torch.where(is_mid, mid, scaled)
 
 
+@dataclass
+class StepRope:
+    """A step's rotary inputs, computed once and shared by every layer.
+
+    positions [T] and the model's cos | sin table [P, 2 hd] (float32) for the fused CPU kernel;
+    cos and sign-folded sin [T, 1, hd] in the model dtype for the portable path (None when unused).
+    """
+
+    positions: torch.Tensor
+    table: torch.Tensor
+    cos: torch.Tensor | None = None
+    signed_sin: torch.Tensor | None = None
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.cos is not None and self.signed_sin is not None, "built without lookup tables"
+        return rotate(x, self.cos, self.signed_sin)
+
+
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin table indexed by absolute position."""
 
@@ -69,6 +88,12 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos_sin[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
         half = self.head_dim // 2
         return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+    def step(self, positions: torch.Tensor, dtype: torch.dtype, lookup: bool = True) -> StepRope:
+        """The step's rotary inputs; `lookup=False` when a fused kernel reads the table itself."""
+        if not lookup:
+            return StepRope(positions, self.cos_sin)
+        return StepRope(positions, self.cos_sin, *self.lookup(positions, dtype))
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T]; q: [T, H, hd]; k: [T, Hkv, hd]

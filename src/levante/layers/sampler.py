@@ -11,7 +11,7 @@ vLLM reports by default.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +41,20 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator | None = None) -> SamplerOutput:
-    """logits: [B, V] float32, one row per SamplingRow -> one token per row."""
+def sample(
+    logits: torch.Tensor,
+    rows: Sequence[SamplingRow],
+    generator: torch.Generator | None = None,
+    argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> SamplerOutput:
+    """logits: [B, V] float32, one row per SamplingRow -> one token per row.
+
+    `argmax` replaces `logits.argmax(dim=-1)` (first maximum of each row) when every row is plain
+    greedy: the native CPU one is ~10x faster than torch's for a vocabulary row.
+    """
     if all(_plain_greedy(r) for r in rows):  # the common serving case: no copies, one argmax
-        return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+        picks = argmax(logits) if argmax is not None else logits.argmax(dim=-1)
+        return SamplerOutput(picks.tolist(), [None] * len(rows))
     raw_logprobs = None
     if any(r.params.logprobs is not None for r in rows):
         raw_logprobs = torch.log_softmax(logits, dim=-1)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from levante.layers.block_quant import BlockQuant
 from levante.loaders.errors import WeightsError
 
 _MAGIC = b"GGUF"
@@ -435,6 +436,67 @@ _DEQUANTISERS: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] = MappingPro
 SUPPORTED_TYPES: frozenset[int] = frozenset(_DEQUANTISERS)
 
 
+# ---------------------------------------------------------------- blocks of 32, as stored
+# Types whose weights are w = d * q + m per block of 32 (q unsigned): each splitter returns
+# (q uint8 [n, block_size], d and m float32 [n, block_size / 32]) for the block-quantised kernels,
+# which then use the file's own values (layers/block_quant.py). The bit width is the storage the
+# kernel needs: 4 for q <= 15, else 8.
+
+
+def _split_q8_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = (blocks[:, 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+    d = _f16(blocks, 0)
+    return q, d, -128 * d
+
+
+def _split_q4_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d = _f16(blocks, 0)
+    return _nibbles(blocks[:, 2:]), d, -8 * d
+
+
+def _split_q4_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _nibbles(blocks[:, 4:]), _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _split_q5_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d = _f16(blocks, 0)
+    return _nibbles(blocks[:, 6:]) | (_bits(blocks[:, 2:6]) << 4), d, -16 * d
+
+
+def _split_q5_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _nibbles(blocks[:, 8:]) | (_bits(blocks[:, 4:8]) << 4), _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _split_q4_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale, minimum = _k_scales_mins(blocks)
+    return _k_nibbles(blocks[:, 16:144]).reshape(-1, 256), scale.squeeze(-1), -minimum.squeeze(-1)
+
+
+def _split_q5_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = blocks.shape[0]
+    scale, minimum = _k_scales_mins(blocks)
+    qh = blocks[:, 16:48]
+    high = torch.stack([(qh >> s) & 1 for s in range(8)], dim=1).reshape(n, 8, 32)
+    q = _k_nibbles(blocks[:, 48:176]) | (high << 4)
+    return q.reshape(n, 256), scale.squeeze(-1), -minimum.squeeze(-1)
+
+
+BlockSplitter = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+# ggml type -> (splitter, bits of the kernel's storage)
+_BLOCK_SPLITTERS: Mapping[int, tuple[BlockSplitter, int]] = MappingProxyType(
+    {
+        GGMLQuantizationType.Q8_0: (_split_q8_0, 8),
+        GGMLQuantizationType.Q4_0: (_split_q4_0, 4),
+        GGMLQuantizationType.Q4_1: (_split_q4_1, 4),
+        GGMLQuantizationType.Q5_0: (_split_q5_0, 8),
+        GGMLQuantizationType.Q5_1: (_split_q5_1, 8),
+        GGMLQuantizationType.Q4_K: (_split_q4_k, 4),
+        GGMLQuantizationType.Q5_K: (_split_q5_k, 8),
+    }
+)
+
+
 class GGUFFile:
     """A parsed, validated, memory-mapped GGUF file.
 
@@ -513,6 +575,30 @@ class GGUFFile:
             )
             out[first * block_size : last * block_size] = dequantise(chunk).reshape(-1)
         return out.view(info.shape)
+
+    def load_blocks(self, name: str) -> BlockQuant | None:
+        """The tensor's blocks as stored (w = d * q + m per 32 inputs of a row), or None for other types.
+
+        ``q`` has the tensor's shape; ``d`` and ``m`` its shape with the last dimension divided by 32.
+        """
+        info = self._info(name)
+        entry = _BLOCK_SPLITTERS.get(info.ggml_type)
+        if entry is None or len(info.shape) < 2:
+            return None
+        split, bits = entry
+        block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(info.ggml_type)]
+        raw = self.raw(name)
+        n_blocks = info.nbytes // type_size
+        q = torch.empty(n_blocks, block_size, dtype=torch.uint8)
+        d = torch.empty(n_blocks, block_size // 32)
+        m = torch.empty(n_blocks, block_size // 32)
+        step = max(1, _CHUNK_ELEMENTS // block_size)
+        for first in range(0, n_blocks, step):
+            last = min(n_blocks, first + step)
+            chunk = torch.from_numpy(raw[first * type_size : last * type_size].copy()).view(last - first, type_size)
+            q[first:last], d[first:last], m[first:last] = split(chunk)
+        groups = (*info.shape[:-1], info.shape[-1] // 32)
+        return BlockQuant(q.view(info.shape), d.view(groups), m.view(groups), bits)
 
     def close(self) -> None:
         """Drop our mapping. Arrays returned by :meth:`raw` keep it alive until they are freed."""

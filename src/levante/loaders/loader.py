@@ -16,7 +16,7 @@ from levante.loaders.errors import WeightsError
 from levante.loaders.gguf import GGUFFile
 from levante.loaders.safetensors import PICKLE_SUFFIXES, iter_safetensors, refuse_pickle, safetensors_files
 from levante.loaders.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
-from levante.loaders.weights import iter_gguf_weights, load_weights
+from levante.loaders.weights import GGUFBlocks, iter_gguf_weights, load_weights
 from levante.models.llama import LlamaForCausalLM
 from levante.models.registry import model_class
 
@@ -114,6 +114,14 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "auto", device: str
         raise WeightsError(f"{path}: not a GGUF file or a model folder")
     loaded.name = str(model) if not Path(str(model)).exists() else path.name
     return loaded
+
+
+def gguf_blocks(loaded: LoadedModel) -> GGUFBlocks | None:
+    """The stored blocks of a model loaded from a GGUF file (for the block-quantised kernels); None otherwise."""
+    path = loaded.path
+    if not (path.is_file() and path.suffix.lower() == ".gguf"):
+        return None
+    return GGUFBlocks(path, loaded.config)
 
 
 def _build(cfg: TransformerConfig) -> LlamaForCausalLM:

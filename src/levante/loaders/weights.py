@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from levante.config import TransformerConfig
+from levante.layers.block_quant import BlockQuant, quantize_blocks
 from levante.loaders.errors import WeightsError
 from levante.loaders.gguf import GGUFFile
 
@@ -216,3 +218,49 @@ def _check_parts_complete(filled: dict[str, set[tuple[int | None, str | None]]],
         missing = {(e, r) for e in experts for r in rows} - parts
         if missing:
             raise WeightsError(f"{source}: parameter {name} is only partly present in the checkpoint (missing {sorted(missing, key=str)[:3]})")
+
+
+class GGUFBlocks:
+    """The stored blocks (w = d * q + m per 32 inputs) of a GGUF file's projections, by our parameter name.
+
+    Fused parameters (qkv_proj, gate_up_proj) are assembled from their parts, q/k rows un-permuted as
+    for the float weights; a tied LM head is the embedding's blocks. A part of a type without such blocks
+    (Q6_K, Q2_K, F16, ...) is quantised here to 8-bit blocks; `get` gives None for a parameter without a
+    GGUF source of its own (Mixtral experts).
+    """
+
+    def __init__(self, path: str | Path, cfg: TransformerConfig) -> None:
+        self.gguf = GGUFFile(path)
+        self.cfg = cfg
+        self.sources: dict[str, list[tuple[str | None, str]]] = {}  # param -> [(rows, gguf tensor)]
+        for name in self.gguf.tensors:
+            hf = _gguf_to_hf(name)
+            target = hf_target(hf) if hf is not None and "{e}" not in hf else None
+            if target is None or target.expert is not None:
+                continue
+            params = [target.param]
+            if target.param == "embed_tokens.weight" and cfg.tie_word_embeddings:
+                params = ["lm_head.weight"]
+            elif target.param == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            for param in params:
+                self.sources.setdefault(param, []).append((target.rows, name))
+
+    def get(self, param: str) -> BlockQuant | None:
+        parts = self.sources.get(param)
+        if not parts:
+            return None
+        order = {None: 0, "q": 0, "k": 1, "v": 2, "gate": 0, "up": 1}
+        loaded = []
+        for rows, name in sorted(parts, key=lambda p: order[p[0]]):
+            bq = self.gguf.load_blocks(name)
+            if bq is None:  # Q6_K, Q2_K, F16, ...: quantised here, in 8 bits
+                bq = quantize_blocks(self.gguf.load(name, torch.float32), 8)
+            heads = self.cfg.num_heads if rows == "q" else self.cfg.num_kv_heads if rows == "k" else 0
+            if heads:
+                bq = BlockQuant(unpermute_rotary(bq.q, heads), unpermute_rotary(bq.d, heads), unpermute_rotary(bq.m, heads), bq.bits)
+            loaded.append(bq)
+        return loaded[0] if len(loaded) == 1 else BlockQuant.cat(loaded)
+
+    def close(self) -> None:
+        self.gguf.close()

@@ -32,6 +32,7 @@ class ServeOptions:
     max_model_len: int | None = None
     kv_cache_memory: int | None = None  # bytes
     kv_cache_fraction: float = 0.25
+    kv_cache_dtype: str = "auto"  # config.py CacheConfig.dtype
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -81,6 +82,7 @@ class ServeOptions:
                 memory_bytes=self.kv_cache_memory,
                 memory_fraction=self.kv_cache_fraction / max(1, len(self.models)),
                 enable_prefix_caching=self.enable_prefix_caching,
+                dtype=self.kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens, max_waiting=self.max_waiting

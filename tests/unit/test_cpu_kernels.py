@@ -1,0 +1,142 @@
+"""The native CPU kernels against the portable torch ops they replace: paged decode attention (gather +
+SDPA), RMSNorm, rotary embedding with the cache write, silu * up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from levante.layers.attention import AttentionMetadata, PagedAttention
+from levante.layers.cpu_kernels import CpuKernels, load_cpu_kernels
+from levante.layers.norm import RMSNorm
+from levante.layers.rotary import RotaryEmbedding
+
+
+@pytest.fixture(scope="module")
+def kernel() -> CpuKernels:
+    k = load_cpu_kernels()
+    if k is None:
+        pytest.skip("no C++ toolchain: the portable path is what runs here")
+    return k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "window"), [(9, 3, 64, None), (8, 2, 128, 37), (4, 4, 48, None), (32, 8, 128, 5)])
+def test_kernel_matches_portable_path(kernel, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, window: int | None) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(heads * head_dim)
+    num_blocks, block_size, batch = 64, 16, 7
+    attn = PagedAttention(heads, kv_heads, head_dim, window)
+    attn.k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    attn.v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    lens = torch.tensor([1, 2, 15, 16, 17, 60, 100])
+    width = int((lens.max() + block_size - 1) // block_size)
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:width] for _ in range(batch)])
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long), num_decode=batch, decode_block_tables=tables,
+        decode_context_lens=lens, decode_max_len=int(lens.max()),
+    )
+    q = torch.randn(batch, heads, head_dim, generator=gen).to(dtype)
+    expected = attn._decode(q, meta, block_size).float()
+    attn.decode_kernel = kernel
+    got = attn._decode(q, meta, block_size).float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got - expected).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "dim"), [(1, 576), (5, 64), (300, 100)])
+def test_rms_norm_matches_the_reference_steps(kernel: CpuKernels, dtype: torch.dtype, rows: int, dim: int) -> None:
+    norm = RMSNorm(dim, 1e-5)
+    norm.weight.data = (torch.randn(dim) * 0.3 + 1).to(dtype)
+    x = (torch.randn(rows, dim) * 4).to(dtype)
+    expected = norm(x)
+    norm.kernels = kernel
+    got = norm(x)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    else:  # the same two roundings to bfloat16; the float32 sum of squares may differ in its last bit
+        assert (got.float() - expected.float()).abs().max().item() <= 2 ** -7 * expected.float().abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_matches_torch(kernel: CpuKernels, dtype: torch.dtype) -> None:
+    gate_up = (torch.randn(7, 2 * 200) * 6).to(dtype)  # 200: a tail after the 16-wide vectors
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    got = kernel.silu_mul(gate_up).float()
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert (got - expected).abs().max().item() <= tol * expected.abs().max().item()
+    big = torch.tensor([[-100.0, 100.0, 0.0, -0.0, 30.0, -30.0, 1.0, 2.0]])
+    assert torch.allclose(kernel.silu_mul(big), F.silu(big[:, :4]) * big[:, 4:], atol=1e-6)  # no overflow
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 48), (8, 2, 128)])
+def test_rope_store_rotates_and_writes_the_cache(kernel: CpuKernels, heads: int, kv_heads: int, head_dim: int) -> None:
+    rotary = RotaryEmbedding(head_dim, 512, 10000.0, None)
+    rotary.build(torch.device("cpu"))
+    tokens, num_blocks, block_size = 6, 8, 4
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    positions = torch.tensor([0, 1, 7, 100, 300, 511])
+    slots = torch.tensor([3, 0, 9, 31, 17, 4])
+    rope = rotary.step(positions, torch.float32)
+    qk = rope.rotate(qkv[:, : (heads + kv_heads) * head_dim].view(tokens, heads + kv_heads, head_dim))
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
+    k_cache = torch.zeros(num_blocks, block_size, kv_heads, head_dim)
+    v_cache = torch.zeros_like(k_cache)
+    got = qkv.clone()
+    kernel.rope_store(got, rotary.cos_sin, positions, slots, k_cache, v_cache, heads, kv_heads)
+    assert torch.allclose(got[:, : (heads + kv_heads) * head_dim].view(tokens, -1, head_dim), qk, atol=1e-6)
+    assert torch.equal(got[:, (heads + kv_heads) * head_dim :], qkv[:, (heads + kv_heads) * head_dim :])  # v untouched
+    flat_k, flat_v = k_cache.view(-1, kv_heads, head_dim), v_cache.view(-1, kv_heads, head_dim)
+    assert torch.allclose(flat_k[slots], qk[:, heads:], atol=1e-6)
+    assert torch.equal(flat_v[slots], v)
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
+    untouched[slots] = False
+    assert not flat_k[untouched].any() and not flat_v[untouched].any()
+
+
+def test_rope_store_refuses_slots_outside_the_cache(kernel: CpuKernels) -> None:
+    rotary = RotaryEmbedding(64, 16, 10000.0, None)
+    rotary.build(torch.device("cpu"))
+    cache = torch.zeros(2, 4, 1, 64)
+    qkv = torch.randn(1, 3 * 64)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel.rope_store(qkv, rotary.cos_sin, torch.tensor([0]), torch.tensor([8]), cache, cache.clone(), 1, 1)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel.rope_store(qkv, rotary.cos_sin, torch.tensor([16]), torch.tensor([0]), cache, cache.clone(), 1, 1)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+def test_kernel_reads_a_narrower_cache(kernel: CpuKernels, cache_dtype: torch.dtype) -> None:
+    """float32 queries over a float16/bfloat16 KV pool (the default with quantised weights) against the portable path."""
+    gen = torch.Generator().manual_seed(7)
+    attn = PagedAttention(32, 8, 128, None)
+    attn.k_cache = torch.randn(16, 16, 8, 128, generator=gen).to(cache_dtype)
+    attn.v_cache = torch.randn(16, 16, 8, 128, generator=gen).to(cache_dtype)
+    lens = torch.tensor([5, 70, 33])
+    tables = torch.stack([torch.randperm(16, generator=gen)[:5] for _ in range(3)])
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long), num_decode=3, decode_block_tables=tables,
+        decode_context_lens=lens, decode_max_len=70,
+    )
+    q = torch.randn(3, 32, 128, generator=gen)
+    expected = attn._decode(q, meta, 16)
+    attn.decode_kernel = kernel
+    got = attn._decode(q, meta, 16)
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_rope_store_narrows_into_the_cache(kernel: CpuKernels) -> None:
+    rotary = RotaryEmbedding(64, 32, 10000.0, None)
+    rotary.build(torch.device("cpu"))
+    qkv = torch.randn(3, 5 * 64)
+    k_cache = torch.zeros(2, 4, 2, 64, dtype=torch.float16)
+    v_cache = torch.zeros_like(k_cache)
+    positions, slots = torch.tensor([0, 5, 9]), torch.tensor([1, 6, 2])
+    expected_v = qkv[:, 3 * 64 :].view(3, 2, 64).half()
+    kernel.rope_store(qkv, rotary.cos_sin, positions, slots, k_cache, v_cache, 1, 2)
+    assert torch.equal(v_cache.view(-1, 2, 64)[slots], expected_v)  # rounded to nearest, as torch's .half()
+    assert torch.equal(k_cache.view(-1, 2, 64)[slots], qkv[:, 64 : 3 * 64].view(3, 2, 64).half())
