@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -92,6 +93,9 @@ static inline __m512 exp16(__m512 x) {
 // hot in cache for the other query heads of the same KV head (GQA).
 
 #if LEVANTE_AVX512
+// A prefetch into L1 that the compiler keeps (GCC deletes _mm_prefetch loops it deems to have no effect).
+inline void prefetch(const char* p) { asm volatile("prefetcht0 %0" : : "m"(*p)); }
+
 // Lane i of the result = the sum of the 16 lanes of v[i] (a transposing reduction tree: 45 ops for
 // 16 horizontal sums instead of ~8 each).
 inline __m512 hsum16(const __m512 v[16]) {
@@ -121,13 +125,28 @@ void group_attention(const float* q, int64_t G, const TC* kp, const TC* vp, cons
                      int64_t row, int64_t start, int64_t len, int64_t D, float* scores, int64_t ld, float* kf,
                      float* acc) {
   const int64_t n = len - start;
+  const int bs_shift = __builtin_ctzll(static_cast<unsigned long long>(bs));  // block sizes are powers of two
 #if LEVANTE_AVX512
   if constexpr (D16 > 0) {
+    // Rows sit in blocks scattered over the pool, where no hardware prefetcher looks: ask for the
+    // next 16 tokens' rows while these are computed (without it a core waits on memory latency,
+    // reading K/V at a quarter of the bandwidth).
+    constexpr int64_t kLines = static_cast<int64_t>(D16 * 16 * sizeof(TC) + 63) / 64;
+    const auto prefetch_rows = [&](const TC* base, int64_t from, int64_t to) {
+      for (int64_t t = from; t < to; ++t) {
+        const char* r = reinterpret_cast<const char*>(base + (table[t >> bs_shift] * row + (t & (bs - 1))) * D);
+        for (int64_t l = 0; l < kLines; ++l) prefetch(r + 64 * l);
+      }
+    };
+    constexpr int64_t kAhead = 48;  // tokens: ~ a memory latency of work ahead
+    prefetch_rows(kp, start, std::min(len, start + kAhead));
+    prefetch_rows(vp, start, std::min(len, start + kAhead));
     for (int64_t t0 = 0; t0 < n; t0 += 16) {
       const int64_t cnt = std::min<int64_t>(16, n - t0);
+      if (t0 + kAhead < n) prefetch_rows(kp, start + t0 + kAhead, std::min(len, start + t0 + kAhead + 16));
       for (int64_t u = 0; u < cnt; ++u) {
         const int64_t t = start + t0 + u;
-        const TC* k = kp + (table[t / bs] * bs + t % bs) * row;
+        const TC* k = kp + (table[t >> bs_shift] * row + (t & (bs - 1))) * D;
         for (int i = 0; i < D16; ++i) _mm512_storeu_ps(kf + u * D + 16 * i, load16(k + 16 * i));
       }
       for (int64_t g = 0; g < G; ++g) {
@@ -171,8 +190,9 @@ void group_attention(const float* q, int64_t G, const TC* kp, const TC* vp, cons
       for (int h = 0; h < HC; ++h)
         for (int j = 0; j < D16; ++j) a[h][j] = _mm512_setzero_ps();
       for (int64_t t = start, blk = start / bs, off = start % bs; t < len; ++t) {
-        const TC* v = vp + (table[blk] * bs + off) * row;
+        const TC* v = vp + (table[blk] * row + off) * D;
         if (++off == bs) { off = 0; ++blk; }
+        if (t + kAhead < len) prefetch_rows(vp, t + kAhead, t + kAhead + 1);
         __m512 vr[D16];
         for (int j = 0; j < D16; ++j) vr[j] = load16(v + 16 * j);
         for (int h = 0; h < HC; ++h) {
@@ -190,12 +210,13 @@ void group_attention(const float* q, int64_t G, const TC* kp, const TC* vp, cons
   }
 #endif
   (void)kf;
+  (void)bs_shift;
   for (int64_t g = 0; g < G; ++g) {
     const float* qg = q + g * D;
     float* sg = scores + g * ld;
     float m = -INFINITY;
     for (int64_t t = start, blk = start / bs, off = start % bs; t < len; ++t) {
-      const TC* k = kp + (table[blk] * bs + off) * row;
+      const TC* k = kp + (table[blk] * row + off) * D;
       if (++off == bs) { off = 0; ++blk; }
       float sc = 0.f;
       for (int64_t d = 0; d < D; ++d) sc += qg[d] * to_float(k[d]);
@@ -207,7 +228,7 @@ void group_attention(const float* q, int64_t G, const TC* kp, const TC* vp, cons
     float* ag = acc + g * D;
     std::fill(ag, ag + D, 0.f);
     for (int64_t t = start, blk = start / bs, off = start % bs; t < len; ++t) {
-      const TC* v = vp + (table[blk] * bs + off) * row;
+      const TC* v = vp + (table[blk] * row + off) * D;
       if (++off == bs) { off = 0; ++blk; }
       const float pr = sg[t - start];
       for (int64_t d = 0; d < D; ++d) ag[d] += pr * to_float(v[d]);
@@ -217,13 +238,22 @@ void group_attention(const float* q, int64_t G, const TC* kp, const TC* vp, cons
   }
 }
 
-// q, out: [B, H, D] of TQ; caches: [num_blocks, bs, Hkv, D] of TC. One task per (sequence, KV head).
+// Runs body(claim) on every thread; claim() hands out 0, 1, 2, ... (then >= n) across them. Work taken
+// as threads become free, not split in advance: on a shared machine one core is often slower.
+template <typename F>
+void for_each_dynamic(int64_t n, std::atomic<int64_t>& next, const F& body) {
+  const auto claim = [&next]() { return next.fetch_add(1, std::memory_order_relaxed); };
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(claim); });
+}
+
+// q, out: [B, H, D] of TQ; caches: [num_blocks, Hkv, bs, D] of TC. One task per (sequence, KV head).
 template <typename TQ, typename TC>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& ctx_lens, at::Tensor& out, double scale,
                    int64_t window) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
+  const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2);
   const int64_t G = H / Hkv;
   const int64_t max_blocks = block_tables.size(1);
   const TQ* qp = q.data_ptr<TQ>();
@@ -232,26 +262,18 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* lens = ctx_lens.data_ptr<int64_t>();
   TQ* op = out.data_ptr<TQ>();
-  const int64_t row = Hkv * D;  // elements per token in the cache
+  const int64_t row = Hkv * bs;  // rows of D elements per block: a block is [Hkv][bs][D]
   int64_t longest = 1;
   for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lens[b]);
   const int64_t ld = (longest + 31) / 16 * 16;
-  // Tasks (sequence, KV head) cost about their window's length: split them into one contiguous run
-  // per thread of equal total cost (sequences of a batch differ in length; an even split by count
-  // leaves one thread waiting for the other).
-  const int64_t tasks = B * Hkv, nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
-  std::vector<int64_t> cost(tasks + 1, 0);
-  for (int64_t i = 0; i < tasks; ++i) {
-    const int64_t len = lens[i / Hkv];
-    cost[i + 1] = cost[i] + 16 + (window > 0 ? std::min(len, window) : len);
-  }
-  std::vector<int64_t> split(nt + 1, tasks);
-  split[0] = 0;
-  for (int64_t t = 1; t < nt; ++t)
-    split[t] = std::lower_bound(cost.begin(), cost.end(), cost[tasks] * t / nt) - cost.begin();
-  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+  // Tasks (sequence, KV head) go to threads as they become free: sequences of a batch differ in
+  // length, and on a shared machine one core is often slower, so a split made in advance leaves
+  // one thread waiting for the other.
+  const int64_t tasks = B * Hkv;
+  std::atomic<int64_t> next{0};
+  for_each_dynamic(tasks, next, [&](auto claim) {
     std::vector<float> qf(G * D), acc(G * D), scores(G * ld), kf(16 * D);
-    for (int64_t task = split[tb]; task < split[te]; ++task) {
+    for (int64_t task = claim(); task < tasks; task = claim()) {
       const int64_t b = task / Hkv, kvh = task % Hkv;
       const int64_t len = lens[b];
       const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
@@ -260,8 +282,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       const TQ* qh = qp + (b * H + kvh * G) * D;
       for (int64_t i = 0; i < G * D; ++i) qf[i] = to_float(qh[i]) * static_cast<float>(scale);
       const int64_t* table = bt + b * max_blocks;
-      const TC* kh = kp + kvh * D;
-      const TC* vh = vp + kvh * D;
+      const TC* kh = kp + kvh * bs * D;  // the head's [bs][D] rows within each block
+      const TC* vh = vp + kvh * bs * D;
       if (D == 64) group_attention<TC, 4>(qf.data(), G, kh, vh, table, bs, row, start, len, D, scores.data(), ld, kf.data(), acc.data());
       else if (D == 128) group_attention<TC, 8>(qf.data(), G, kh, vh, table, bs, row, start, len, D, scores.data(), ld, kf.data(), acc.data());
       else group_attention<TC, 0>(qf.data(), G, kh, vh, table, bs, row, start, len, D, scores.data(), ld, kf.data(), acc.data());
@@ -474,10 +496,11 @@ void block_gemm_impl(const at::Tensor& x, const at::Tensor& packed, const at::Te
   // in L1 on its way to the output (converted to T, residual added).
   constexpr int64_t kUnit = 2, kRows = 4;
   const int64_t units = (NT + kUnit - 1) / kUnit;
-  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next{0};
+  for_each_dynamic(units, next, [&](auto claim) {
     alignas(64) float tmp[kRows * kUnit * kTile];
     constexpr int64_t ldt = kUnit * kTile;
-    for (int64_t u = begin; u < end; ++u) {
+    for (int64_t u = claim(); u < units; u = claim()) {
       const int64_t tile0 = u * kUnit;
       const int64_t tiles = std::min(kUnit, NT - tile0);
       const int64_t col0 = tile0 * kTile;
@@ -611,8 +634,9 @@ int64_t argmax_row(const float* x, int64_t n) {
 at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
                         at::Tensor ctx_lens, double scale, int64_t window) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
-  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0 && q.size(2) == k_cache.size(3), "head mismatch");
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0 && q.size(2) == k_cache.size(3), "head mismatch");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k and v caches have different dtypes");
+  TORCH_CHECK(k_cache.size(2) > 0 && (k_cache.size(2) & (k_cache.size(2) - 1)) == 0, "block size must be a power of two");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "cache must be contiguous");
   q = q.contiguous();
   block_tables = block_tables.to(at::kLong).contiguous();
@@ -672,7 +696,8 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
 }
 
 // qkv: [T, (H + 2 Hkv) hd], rows contiguous: q and k heads rotated in place, then k and v of token t
-// copied to cache slot slots[t] (caches: [num_blocks, block_size, Hkv, hd]). table: [P, 2 hd] float32.
+// copied to cache slot slots[t] (caches: [num_blocks, Hkv, block_size, hd]: slot s is row s % block_size
+// of each head in block s / block_size). table: [P, 2 hd] float32.
 void rope_store(at::Tensor qkv, at::Tensor table, at::Tensor positions, at::Tensor slots, at::Tensor k_cache,
                 at::Tensor v_cache, int64_t num_heads, int64_t num_kv_heads) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "rope_store: qkv must be [T, width] with contiguous rows");
@@ -681,17 +706,17 @@ void rope_store(at::Tensor qkv, at::Tensor table, at::Tensor positions, at::Tens
   const int64_t T_ = qkv.size(0), hd = k_cache.size(3);
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() && v_cache.sizes() == k_cache.sizes(), "rope_store: caches differ");
   TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * hd && table.size(1) == 2 * hd, "rope_store: widths");
-  TORCH_CHECK(k_cache.size(2) == num_kv_heads, "rope_store: kv heads");
+  TORCH_CHECK(k_cache.size(1) == num_kv_heads, "rope_store: kv heads");
   positions = positions.to(at::kLong).contiguous();
   slots = slots.to(at::kLong).contiguous();
   TORCH_CHECK(positions.numel() == T_ && slots.numel() == T_, "rope_store: one position and slot per token");
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t n_slots = k_cache.size(0) * k_cache.size(1), n_pos = table.size(0);
+  const int64_t bs = k_cache.size(2), n_slots = k_cache.size(0) * bs, n_pos = table.size(0);
   for (int64_t t = 0; t < T_; ++t) {
     TORCH_CHECK(0 <= pos[t] && pos[t] < n_pos && 0 <= slot[t] && slot[t] < n_slots, "rope_store: position or slot out of range");
   }
-  const int64_t kv = num_kv_heads * hd, ld = qkv.stride(0);
+  const int64_t ld = qkv.stride(0);
   LEVANTE_DISPATCH_AS(qkv.scalar_type(), "rope_store", T, [&] {
     LEVANTE_DISPATCH_AS(k_cache.scalar_type(), "rope_store", TC, [&] {
       T* base = qkv.data_ptr<T>();
@@ -702,8 +727,12 @@ void rope_store(at::Tensor qkv, at::Tensor table, at::Tensor positions, at::Tens
         for (int64_t t = begin; t < end; ++t) {
           T* row = base + t * ld;
           rope_token(row, num_heads + num_kv_heads, hd, tab + pos[t] * 2 * hd);
-          convert_row(kc + slot[t] * kv, row + num_heads * hd, kv);
-          convert_row(vc + slot[t] * kv, row + (num_heads + num_kv_heads) * hd, kv);
+          const int64_t block = slot[t] / bs, off = slot[t] % bs;
+          for (int64_t h = 0; h < num_kv_heads; ++h) {
+            const int64_t at = ((block * num_kv_heads + h) * bs + off) * hd;
+            convert_row(kc + at, row + (num_heads + h) * hd, hd);
+            convert_row(vc + at, row + (num_heads + num_kv_heads + h) * hd, hd);
+          }
         }
       });
     });

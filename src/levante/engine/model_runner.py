@@ -95,7 +95,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         cfg = model.config
         dtype = kv_dtype or model.embed_tokens.weight.dtype
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)  # layers/attention.py
         self.kv_cache = _zeroed_pool((2, cfg.num_layers, *shape), dtype, device)
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache = self.kv_cache[0, i]

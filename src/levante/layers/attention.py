@@ -1,6 +1,7 @@
 """Attention over a paged KV cache.
 
-The cache of one layer is two tensors `[num_blocks, block_size, num_kv_heads, head_dim]`.
+The cache of one layer is two tensors `[num_blocks, num_kv_heads, block_size, head_dim]`
+(within a block, each KV head's rows are contiguous: decode attention streams them).
 A sequence owns a list of block ids (its block table); token `i` of the sequence lives
 in block `block_table[i // block_size]` at offset `i % block_size`, i.e. at flat slot
 `block_table[i // block_size] * block_size + i % block_size`.
@@ -69,11 +70,11 @@ class PagedAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, stored: bool = False
     ) -> torch.Tensor:
         # q: [T, H, hd]; k, v: [T, Hkv, hd] -> out: [T, H * hd]. `stored`: k and v are in the cache already.
-        block_size = self.k_cache.shape[1]
+        block_size = self.k_cache.shape[2]
         if not stored:
-            cache_dtype = self.k_cache.dtype
-            self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k.to(cache_dtype))
-            self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v.to(cache_dtype))
+            blocks, offsets = meta.slot_mapping // block_size, meta.slot_mapping % block_size
+            self.k_cache[blocks, :, offsets] = k.to(self.k_cache.dtype)  # [T, Hkv, hd] into (block, :, offset)
+            self.v_cache[blocks, :, offsets] = v.to(self.v_cache.dtype)
         if meta.num_decode == q.shape[0]:  # a decode-only step
             return self._decode(q, meta, block_size).reshape(q.shape[0], -1)
         out = torch.empty_like(q)
@@ -87,9 +88,10 @@ class PagedAttention(nn.Module):
     def _gather(self, cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
         # block_table: [nb] or [B, nb] -> [nb*bs, Hkv, hd] or [B, nb*bs, Hkv, hd], cut to `length` tokens.
         # index_select on whole blocks is a row memcpy; advanced indexing (cache[table]) is ~40x slower on CPU.
-        blocks = cache.index_select(0, block_table.reshape(-1))  # [B*nb, bs, Hkv, hd]
-        tokens = blocks.view(*block_table.shape[:-1], -1, self.num_kv_heads, self.head_dim)
-        return tokens[..., :length, :, :]
+        blocks = cache.index_select(0, block_table.reshape(-1))  # [B*nb, Hkv, bs, hd]
+        lead = block_table.shape[:-1]
+        tokens = blocks.view(*lead, -1, self.num_kv_heads, cache.shape[2], self.head_dim).transpose(-3, -2)
+        return tokens.reshape(*lead, -1, self.num_kv_heads, self.head_dim)[..., :length, :, :]
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
