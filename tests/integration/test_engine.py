@@ -180,6 +180,11 @@ def test_stop_string_spanning_tokens(mistral: Path) -> None:
     assert out.text == base.text[:cut]
     kept = llm.generate(p, SamplingParams(temperature=0, max_tokens=16, stop=[stop], include_stop_str_in_output=True, ignore_eos=True))[0].outputs[0]
     assert kept.text == base.text[: cut + len(stop)]
+    # Before min_tokens a stop string is not looked for: the text stays whole (decode of the ids), as in vLLM.
+    late = llm.generate(p, SamplingParams(temperature=0, max_tokens=16, min_tokens=12, stop=[stop], ignore_eos=True))[0].outputs[0]
+    assert late.token_ids[:12] == base.token_ids[:12] and len(late.token_ids) >= 12
+    assert late.text == tok.decode(late.token_ids) or late.finish_reason == "stop"
+    assert late.text.startswith(base.text[: cut + len(stop)])
     assert_no_leaks(llm)
 
 
@@ -265,6 +270,35 @@ def test_back_pressure_refuses_excess_and_completes_the_rest(mistral: Path) -> N
         assert results.count("refused") > 0
         assert results.count("done") >= 4
         assert results.count("done") + results.count("refused") == 12
+        assert engine.engine.block_manager.num_free_blocks == 128
+    finally:
+        engine.shutdown()
+
+
+def test_back_pressure_counts_sequences_and_never_fails_an_admitted_request(mistral: Path) -> None:
+    """n > 1 asks for n sequences: a request is refused at submit (the server's 503) when they do not fit,
+    and one that was admitted is served whatever else arrives before the step loop takes it in."""
+    engine = _async_engine(mistral, max_waiting=4, max_num_seqs=1)
+    params = SamplingParams(temperature=1.0, max_tokens=12, n=3, seed=0, ignore_eos=True)
+
+    async def one(i: int) -> str:
+        try:
+            stream = engine.submit(prompts(1, seed=40 + i)[0], params, f"bpn{i}")
+        except EngineOverloadedError:
+            return "refused"
+        outs: dict[int, int] = {}
+        async for out in stream:  # admitted: must not fail now (a streaming client already has its 200)
+            for c in out.outputs:
+                outs[c.index] = outs.get(c.index, 0) + len(c.token_ids)
+        assert outs == {0: 12, 1: 12, 2: 12}
+        return "done"
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*(one(i) for i in range(6)))
+
+    try:
+        results = asyncio.run(main())
+        assert "refused" in results and results.count("done") >= 1
         assert engine.engine.block_manager.num_free_blocks == 128
     finally:
         engine.shutdown()

@@ -411,6 +411,17 @@ def test_client_disconnect_aborts_the_request(smollm2_server: Server) -> None:
     assert httpx.post(url + CHAT, json=hello(1), timeout=120).status_code == 200
 
 
+def test_a_refused_prompt_in_a_list_leaves_nothing_running(smollm2_server: Server) -> None:
+    """/v1/completions with several prompts fails as a whole when one is refused: the prompts queued before it
+    are aborted at once (not left generating for nobody)."""
+    url = smollm2_server.url
+    idle_kv = wait_idle(url)["levante:kv_cache_usage_perc"]
+    body = {"model": "smollm2", "prompt": ["Write a very long story.", "word " * 5000], "max_tokens": 2000, "ignore_eos": True}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert_openai_error(r, 400, "context window")
+    wait_idle(url, idle_kv, timeout=3)  # the first prompt, 2000 tokens long, would still run for a minute
+
+
 # ---- request ids and logging -----------------------------------------------------------------
 
 

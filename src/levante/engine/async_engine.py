@@ -107,10 +107,12 @@ class AsyncLLMEngine:
         with self._lock:
             if request_id in self._queues:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            pending = sum(isinstance(item, _Add) for item in self._inbox)
+            # Counted in sequences, as the scheduler's queue is (n > 1 asks for n); once admitted here,
+            # the request is queued whatever happens before the step loop takes it in.
+            pending = sum(item.params.n for item in self._inbox if isinstance(item, _Add))
             limit = self.engine.config.scheduler.max_waiting
-            if len(self.engine.scheduler.waiting) + pending >= limit:
-                raise EngineOverloadedError(f"server is at capacity: {limit} requests already waiting; retry shortly")
+            if len(self.engine.scheduler.waiting) + pending + params.n > limit:
+                raise EngineOverloadedError(f"server is at capacity: {limit} sequences already waiting; retry shortly")
             add = _Add(request_id, ids, text, params, queue, asyncio.get_running_loop())
             self._queues[request_id] = add
             self._inbox.append(add)
@@ -185,7 +187,9 @@ class AsyncLLMEngine:
                     self._deliver(out)
                 continue
             try:
-                self.engine.add_request(item.request_id, {"prompt": item.prompt, "prompt_token_ids": item.prompt_ids}, item.params)
+                self.engine.add_request(
+                    item.request_id, {"prompt": item.prompt, "prompt_token_ids": item.prompt_ids}, item.params, admitted=True
+                )
             except Exception as e:  # checked before queueing, so only a race (e.g. queue filled) lands here
                 with self._lock:
                     self._queues.pop(item.request_id, None)

@@ -46,8 +46,11 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = 0
 
-    def add(self, output_ids: Sequence[int]) -> str | None:
-        """Take the output ids so far (the newest appended); return the matched stop string, if any."""
+    def add(self, output_ids: Sequence[int], match_stop: bool = True) -> str | None:
+        """Take the output ids so far (the newest appended); return the matched stop string, if any.
+
+        `match_stop=False` (fewer than min_tokens out yet) decodes without looking for stop strings:
+        the text stays whole, as vLLM does, instead of being cut at a stop the request then ignores."""
         prefix = self._decode(output_ids[self.prefix_offset : self.read_offset])
         full = self._decode(output_ids[self.prefix_offset :])
         if len(full) <= len(prefix) or full.endswith(_INCOMPLETE):
@@ -56,7 +59,7 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(output_ids)
         start = max(0, len(self.text) - self.holdback)
         self.text += delta
-        return self._match_stop(start)
+        return self._match_stop(start) if match_stop else None
 
     def flush(self, output_ids: Sequence[int]) -> None:
         """At the end, take whatever an incomplete trailing character decodes to."""

@@ -134,15 +134,17 @@ class LLMEngine:
             )
 
     def add_request(
-        self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_time: float | None = None
+        self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_time: float | None = None,
+        admitted: bool = False,
     ) -> None:
+        """Queue a request; `admitted`: its room in the waiting queue was checked already (AsyncLLMEngine.submit)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.encode_prompt(prompt)
         self.check_request(ids, params)
         now = arrival_time if arrival_time is not None else time.time()
         seqs = [self._new_seq(request_id, i, ids, params, now) for i in range(params.n)]
-        self.scheduler.add(seqs)
+        self.scheduler.add(seqs, check_capacity=not admitted)
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, RequestMetrics(arrival_time=now))
 
     def _new_seq(self, request_id: str, index: int, ids: list[int], params: SamplingParams, now: float) -> Seq:
@@ -247,8 +249,8 @@ class LLMEngine:
         if min_reached and (is_eos or token in (p.stop_token_ids or ())):
             seq.detokenizer.flush(out_ids[:-1])
             return FinishReason.STOP, (None if is_eos else token)
-        stop_str = seq.detokenizer.add(out_ids)
-        if stop_str is not None and min_reached:
+        stop_str = seq.detokenizer.add(out_ids, match_stop=min_reached)
+        if stop_str is not None:
             return FinishReason.STOP, stop_str
         if (p.max_tokens is not None and len(out_ids) >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.detokenizer.flush(out_ids)

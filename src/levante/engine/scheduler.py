@@ -44,8 +44,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
-    def add(self, seqs: list[Sequence]) -> None:
-        if len(self.waiting) + len(seqs) > self.config.max_waiting:
+    def add(self, seqs: list[Sequence], check_capacity: bool = True) -> None:
+        if check_capacity and len(self.waiting) + len(seqs) > self.config.max_waiting:
             raise EngineOverloadedError(
                 f"server is at capacity: {len(self.waiting)} requests already waiting (limit {self.config.max_waiting})"
             )

@@ -306,6 +306,13 @@ class Generation:
         self.served.last_used = time.monotonic()
         return self
 
+    def cancel(self) -> None:
+        """Abort a started generation that will never be consumed (a later prompt of its request was refused)."""
+        if self._stream is not None:
+            self._stream.abort()
+            self._stream = None
+            self.served.active -= 1
+
     async def stream(self) -> AsyncIterator[RequestOutput]:
         assert self._stream is not None, "start() first"
         labels = (self.served.name,)

@@ -243,10 +243,14 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     params = _params(req.to_sampling_params)
     request_id = _new_id("cmpl", request)
     text = served.loaded.tokenizer.token_text
-    gens = [
-        Generation(served, state.metrics, state.config.retry_after).start(p, params, f"{request_id}-{i}")
-        for i, p in enumerate(prompts)
-    ]
+    gens: list[Generation] = []
+    try:
+        for i, p in enumerate(prompts):
+            gens.append(Generation(served, state.metrics, state.config.retry_after).start(p, params, f"{request_id}-{i}"))
+    except Exception:  # one prompt refused: the request fails as a whole, so nothing of it may keep running
+        for g in gens:
+            g.cancel()
+        raise
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(_completion_stream(gens[0], served.name, request_id, req, include_usage, text), media_type="text/event-stream")
