@@ -244,3 +244,24 @@ def test_health_follows_the_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
         engine.shutdown()
 
     asyncio.run(check())
+
+
+@pytest.mark.parametrize("manifest", ["rayservice-cpu.yaml", "rayservice-gpu.yaml"])
+def test_rayservice_manifests_carry_a_valid_levante_application(manifest: str) -> None:
+    """deploy/'s KubeRay manifests: their serveConfigV2 is a Serve config whose Levante application's args are
+    options `levante deploy` accepts (the builder would refuse unknown ones at deploy time, on the cluster)."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = yaml.safe_load((Path(__file__).parents[2] / "deploy" / manifest).read_text())
+    assert doc["kind"] == "RayService"
+    serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    schema = ServeDeploySchema.model_validate(serve_config) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(serve_config)
+    apps = [a for a in schema.applications if a.import_path == "levante.scale.ray_serve:build_app"]
+    assert len(apps) == 1
+    opts = DeployOptions.from_args(apps[0].args)
+    assert opts.models and opts.min_replicas <= opts.max_replicas
+    if "gpu" in manifest:
+        assert opts.device == "cuda" and opts.replica_gpus >= 1
