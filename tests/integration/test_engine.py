@@ -109,6 +109,13 @@ def test_logprobs_and_prompt_logprobs_match_one_pass_scoring(mistral: Path) -> N
         assert entry[token].rank == 1  # greedy picks the most likely token
         assert len(entry) == 3
     assert out.outputs[0].cumulative_logprob == pytest.approx(sum(e[t].logprob for e, t in zip(out.outputs[0].logprobs, out.outputs[0].token_ids, strict=True)), abs=1e-4)
+    # prompt_logprobs=0, as vLLM's offline API takes it: each prompt token's own logprob and nothing else.
+    only = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))[0].prompt_logprobs
+    assert only is not None and only[0] is None and len(only) == n
+    for pos in range(1, n):
+        entry = only[pos]
+        assert entry is not None and list(entry) == [full[pos]]
+        assert entry[full[pos]].logprob == pytest.approx(ref[pos - 1, full[pos]].item(), abs=1e-4)
     assert_no_leaks(llm)
 
 

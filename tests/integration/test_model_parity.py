@@ -35,6 +35,25 @@ def test_tiny_model_logits_match_transformers(tiny_model: Callable[..., Path], k
     assert llm.engine.block_manager.num_free_blocks == 32
 
 
+def test_sharded_checkpoint_matches_transformers(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    """A folder saved in several safetensors shards with their index (as Mistral 7B ships) loads like one file."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    source = tiny_model("mistral")
+    sharded = tmp_path / "sharded"
+    shutil.copytree(source, sharded, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).save_pretrained(sharded, max_shard_size="200KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2  # really split
+    ids = torch.randint(3, 32000, (24,), generator=torch.Generator().manual_seed(5))
+    expected = _reference_logits(source, ids)
+    got = LLM(str(sharded), dtype="float32", num_kv_blocks=32, block_size=8).score({"prompt_token_ids": ids.tolist()})
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
 def test_rope_scaling_and_tied_embeddings_match_transformers(tiny_model: Callable[..., Path]) -> None:
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}

@@ -168,8 +168,7 @@ class AsyncLLMEngine:
                     inbox, self._inbox = self._inbox, []
                 self._apply(inbox)
                 if self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
-                        self._deliver(out)
+                    self._deliver_all(self.engine.step())
         except BaseException as e:  # the loop must never die silently: fail every waiting request
             logger.exception("engine step loop failed")
             self._error = e
@@ -196,12 +195,28 @@ class AsyncLLMEngine:
                 _post(item, e)
 
     def _deliver(self, out: RequestOutput) -> None:
+        self._deliver_all([out])
+
+    def _deliver_all(self, outs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their requests: one wake-up per event loop, not one per request
+        (a step of 32 sequences would otherwise wake the loop 32 times, each contending for the GIL)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Add, RequestOutput]]] = {}
         with self._lock:
-            add = self._queues.get(out.request_id)
-            if add is not None and out.finished:
-                del self._queues[out.request_id]
-        if add is not None:
-            _post(add, out)
+            for out in outs:
+                add = self._queues.get(out.request_id)
+                if add is None:
+                    continue
+                if out.finished:
+                    del self._queues[out.request_id]
+                by_loop.setdefault(add.loop, []).append((add, out))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[_Add, RequestOutput]]) -> None:
+    for add, out in items:
+        add.queue.put_nowait(out)
 
 
 def _post(add: _Add, item: RequestOutput | BaseException) -> None:

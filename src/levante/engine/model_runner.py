@@ -6,6 +6,7 @@ The only engine file that touches tensors. Token layout of a step: single-token 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -74,12 +75,19 @@ def _zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     """A zero-filled KV pool. Masked slots are read (and multiplied by 0), so they must never hold NaN.
 
     On CPU it is an anonymous memory map: zero pages the kernel commits only when written, so the
-    pool's resident size grows with use instead of costing its whole budget at start-up.
+    pool's resident size grows with use (in 2 MiB steps with huge pages) instead of costing its whole
+    budget at start-up.
     """
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
     buffer = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # 2 MiB pages where the kernel offers them (transparent huge pages in "madvise" mode): a decode step
+    # touches every block of every sequence, scattered over the pool, and 4 KiB pages would cost a TLB
+    # miss per block.
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            buffer.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(buffer, dtype=dtype, count=math.prod(shape)).view(shape)
 
 
