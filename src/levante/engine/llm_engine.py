@@ -19,7 +19,7 @@ from levante.engine.model_runner import ModelRunner, StepResult, kv_cache_dtype,
 from levante.engine.scheduler import Scheduler
 from levante.engine.sequence import FinishReason
 from levante.engine.sequence import Sequence as Seq
-from levante.layers.linear import quantize_linears
+from levante.layers.linear import quantize_linears, uses_blocks
 from levante.layers.sampler import TokenLogprobs
 from levante.loaders.loader import LoadedModel, gguf_blocks, load_model
 from levante.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
@@ -62,7 +62,11 @@ class LLMEngine:
         self.config = config
         if config.num_threads or config.device == "cpu":
             torch.set_num_threads(config.num_threads or ModelRunner.default_threads())
-        self.loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
+        device = torch.device(config.device)
+        self.loaded = loaded or load_model(
+            config.model, dtype=config.dtype, device=device,
+            blocks_for=lambda quantization: uses_blocks(config.weight_format, device, quantization),
+        )
         stored = gguf_blocks(self.loaded) if config.weight_format != "native" else None
         try:
             quantize_linears(self.loaded.model, config.weight_format, config.quant_max_rows, self.loaded.quantization, stored)

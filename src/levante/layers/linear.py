@@ -194,6 +194,17 @@ def quantized_checkpoint(checkpoint_quantization: str) -> bool:
     return q.startswith(("Q", "IQ", "TQ"))
 
 
+def uses_blocks(fmt: str, device: torch.device, checkpoint_quantization: str) -> bool:
+    """Whether `quantize_linears` gives the projections block-quantised weights (so that a loader may skip
+    their float copies): a CPU with the VNNI kernel, and int8/int4, or auto on a quantised checkpoint."""
+    if fmt == "native" or device.type != "cpu":
+        return False
+    if fmt == "auto" and not quantized_checkpoint(checkpoint_quantization):
+        return False
+    kernels = load_cpu_kernels()
+    return kernels is not None and kernels.vnni
+
+
 class BlockSource(Protocol):
     def get(self, param: str) -> BlockQuant | None: ...
 
@@ -210,9 +221,11 @@ def quantize_linears(
         raise ValueError(f"weight format must be one of {WEIGHT_FORMATS}, got {fmt!r}")
     if fmt == "native":
         return
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    kernels = load_cpu_kernels() if on_cpu else None
-    if kernels is not None and kernels.vnni and (fmt != "auto" or quantized_checkpoint(checkpoint_quantization)):
+    device = next(model.parameters()).device
+    on_cpu = device.type == "cpu"
+    if uses_blocks(fmt, device, checkpoint_quantization):
+        kernels = load_cpu_kernels()
+        assert kernels is not None
         _use_blocks(model, fmt, kernels, blocks)
         return
     if fmt == "auto" and not (on_cpu and four_bit_checkpoint(checkpoint_quantization)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     quantization: str  # of the source weights: "Q4_1", "bfloat16", ...
+    projections_in_file: bool = False  # projections not loaded as floats: their blocks are read from the GGUF
 
 
 def package_dir(package: str) -> Path | None:
@@ -99,14 +101,19 @@ def _registry_path(name: str) -> Path | None:
     return store.model_path(manifest)
 
 
-def load_model(model: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(
+    model: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+    blocks_for: Callable[[str], bool] | None = None,
+) -> LoadedModel:
+    """Load a model; `blocks_for(checkpoint quantisation)` True: leave a GGUF's projections in the file
+    (LoadedModel.projections_in_file) for the block-quantised kernels to take their blocks from."""
     path = resolve_model_path(model)
     dev = torch.device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if path.is_dir():
-        loaded = _load_hf_folder(path, torch_dtype, dev)
+        loaded = _load_hf_folder(path, torch_dtype, dev, blocks_for)
     elif path.suffix.lower() == ".gguf":
-        loaded = _load_gguf(path, torch_dtype, dev)
+        loaded = _load_gguf(path, torch_dtype, dev, blocks_for)
     elif path.suffix.lower() in PICKLE_SUFFIXES:
         refuse_pickle(path)
         raise AssertionError("unreachable")
@@ -134,7 +141,9 @@ def _finish(model: LlamaForCausalLM, device: torch.device) -> LlamaForCausalLM:
     return model.eval()
 
 
-def _load_hf_folder(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _load_hf_folder(
+    path: Path, dtype: torch.dtype, device: torch.device, blocks_for: Callable[[str], bool] | None = None
+) -> LoadedModel:
     config_file = path / "config.json"
     if not config_file.is_file():
         pickles = sorted(p for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
@@ -142,7 +151,7 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, device: torch.device) -> Loa
         if pickles and not ggufs:
             refuse_pickle(pickles[0])
         if len(ggufs) == 1:
-            return _load_gguf(ggufs[0], dtype, device)
+            return _load_gguf(ggufs[0], dtype, device, blocks_for)
         raise WeightsError(f"{path}: no config.json (a HF model folder) and not exactly one .gguf file")
     try:
         raw = json.loads(config_file.read_text())
@@ -159,7 +168,9 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, device: torch.device) -> Loa
     return LoadedModel(path.name, path, _finish(model, device), cfg, tokenizer, chat, err, dtype, device, source_dtype)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _load_gguf(
+    path: Path, dtype: torch.dtype, device: torch.device, blocks_for: Callable[[str], bool] | None = None
+) -> LoadedModel:
     gguf = GGUFFile(path)
     try:
         meta = gguf.metadata
@@ -167,15 +178,18 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedMo
             cfg = TransformerConfig.from_gguf(meta, has_output="output.weight" in gguf.tensors)
         except (KeyError, TypeError, ValueError) as e:
             raise WeightsError(f"{path}: incomplete or unsupported model metadata: {e}") from e
+        quant = _gguf_quantization(gguf)
+        in_file = blocks_for is not None and blocks_for(quant)
         model = _build(cfg)
-        load_weights(model, cfg, iter_gguf_weights(gguf, cfg, dtype), dtype, device, str(path))
+        load_weights(model, cfg, iter_gguf_weights(gguf, cfg, dtype, skip_projections=in_file), dtype, device, str(path))
         tokenizer = tokenizer_from_gguf(meta)
         template = meta.get("tokenizer.chat_template")
         chat, err = _chat_format(tokenizer, template if isinstance(template, str) else None, cfg.model_type)
-        quant = _gguf_quantization(gguf)
     finally:
         gguf.close()
-    return LoadedModel(path.name, path, _finish(model, device), cfg, tokenizer, chat, err, dtype, device, quant)
+    loaded = LoadedModel(path.name, path, _finish(model, device), cfg, tokenizer, chat, err, dtype, device, quant)
+    loaded.projections_in_file = in_file
+    return loaded
 
 
 def _chat_format(tokenizer: Tokenizer, template: str | None, model_type: str) -> tuple[ChatFormat | None, str | None]:

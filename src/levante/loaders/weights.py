@@ -112,14 +112,31 @@ def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(gguf: GGUFFile, cfg: TransformerConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor dequantised to `dtype`) for every tensor of a GGUF file, q/k rows un-permuted."""
+PROJECTIONS = ("qkv_proj.weight", "o_proj.weight", "gate_up_proj.weight", "down_proj.weight")
+
+
+def is_projection(param: str) -> bool:
+    """A Linear weight the block-quantised kernels can take from the file's blocks (not the MoE router, not experts)."""
+    return param.endswith(PROJECTIONS) or param == "lm_head.weight"
+
+
+def iter_gguf_weights(
+    gguf: GGUFFile, cfg: TransformerConfig, dtype: torch.dtype, skip_projections: bool = False
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """Yield (HF name, tensor dequantised to `dtype`) for every tensor of a GGUF file, q/k rows un-permuted.
+
+    `skip_projections`: projections come as (name, None), not dequantised: the block-quantised kernels
+    read them from the file (GGUFBlocks), and a 7B model's float copy would not fit next to them."""
     for name in gguf.tensors:
         hf = _gguf_to_hf(name)
         if hf is None:
             if IGNORED.fullmatch(name):
                 continue
             raise WeightsError(f"{gguf.path}: unexpected tensor {name!r} for a {cfg.model_type} model")
+        target = hf_target(hf) if "{e}" not in hf else None
+        if skip_projections and target is not None and target.expert is None and is_projection(target.param):
+            yield hf, None
+            continue
         tensor = gguf.load(name, dtype)
         heads = cfg.num_heads if hf.endswith("q_proj.weight") else cfg.num_kv_heads if hf.endswith("k_proj.weight") else 0
         if heads:
@@ -145,7 +162,7 @@ def _gguf_to_hf(name: str) -> str | None:
 def load_weights(
     model: nn.Module,
     cfg: TransformerConfig,
-    weights: Iterable[tuple[str, torch.Tensor]],
+    weights: Iterable[tuple[str, torch.Tensor | None]],
     dtype: torch.dtype,
     device: torch.device,
     source: str,
@@ -170,6 +187,11 @@ def load_weights(
         if target.param not in params:
             raise WeightsError(f"{source}: tensor {hf_name!r} has no matching parameter {target.param!r}")
         param = params[target.param]
+        if tensor is None:  # left in the file (a projection its blocks will replace): an empty placeholder
+            if param.is_meta:
+                params[target.param] = _set_param(model, target.param, torch.empty(0, dtype=dtype, device=device))
+            filled.setdefault(target.param, set()).add((target.expert, target.rows))
+            continue
         view_shape = param.shape[1:] if target.expert is not None else param.shape
         rows = _row_slice(target, cfg)
         expected = torch.Size([len(range(*rows.indices(view_shape[0]))), *view_shape[1:]])
