@@ -118,7 +118,6 @@ def measure(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> None:
         v = qkv[:, attn.q_size + attn.kv_size :].reshape(T, attn.num_kv_heads, attn.head_dim)
         o = attn.attn._decode(q, meta, runner.block_size).reshape(T, -1)
         gate_up = mlp.gate_up_proj(h)
-        act = mlp.kernels.silu_mul(gate_up) if mlp.kernels is not None else torch.nn.functional.silu(gate_up[:, : gate_up.shape[1] // 2])
         rope = model.rotary.step(positions, x.dtype, lookup=attn.kernels is None)
 
         def rope_and_store() -> None:
@@ -130,12 +129,13 @@ def measure(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> None:
                 attn.attn.k_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, meta.slot_mapping, k.to(attn.attn.k_cache.dtype))
                 attn.attn.v_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, meta.slot_mapping, v.to(attn.attn.v_cache.dtype))
 
-        def silu() -> object:
+        def silu() -> torch.Tensor:
             if mlp.kernels is not None:
                 return mlp.kernels.silu_mul(gate_up)
             g, u = gate_up.chunk(2, dim=-1)
             return torch.nn.functional.silu(g) * u
 
+        act = silu()
         parts["RMSNorm x2"] = 2 * layers * best_time(lambda: layer.input_layernorm(x))
         parts["qkv projection"] = layers * best_time(lambda: attn.qkv_proj(h))
         parts["rotary + cache write"] = layers * best_time(rope_and_store)

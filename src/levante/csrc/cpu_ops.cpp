@@ -129,8 +129,7 @@ void group_attention(const float* q, int64_t G, const TC* kp, const TC* vp, cons
 #if LEVANTE_AVX512
   if constexpr (D16 > 0) {
     // Rows sit in blocks scattered over the pool, where no hardware prefetcher looks: ask for the
-    // next 16 tokens' rows while these are computed (without it a core waits on memory latency,
-    // reading K/V at a quarter of the bandwidth).
+    // rows kAhead tokens ahead while these are computed (without it a core waits on memory latency).
     constexpr int64_t kLines = static_cast<int64_t>(D16 * 16 * sizeof(TC) + 63) / 64;
     const auto prefetch_rows = [&](const TC* base, int64_t from, int64_t to) {
       for (int64_t t = from; t < to; ++t) {

@@ -67,7 +67,9 @@ class LLMEngine:
             config.model, dtype=config.dtype, device=device,
             blocks_for=lambda quantization: uses_blocks(config.weight_format, device, quantization),
         )
-        stored = gguf_blocks(self.loaded) if config.weight_format != "native" else None
+        # The file's blocks, read again only when the projections will run on them.
+        use_blocks = uses_blocks(config.weight_format, self.loaded.device, self.loaded.quantization)
+        stored = gguf_blocks(self.loaded) if use_blocks else None
         try:
             quantize_linears(self.loaded.model, config.weight_format, config.quant_max_rows, self.loaded.quantization, stored)
         finally:

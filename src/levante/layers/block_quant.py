@@ -38,9 +38,6 @@ class BlockQuant:
         d, m = self.d.half().float(), self.m.half().float()
         return (g * d[..., None] + m[..., None]).view(n, k).to(dtype)
 
-    def rows(self, index: slice | torch.Tensor) -> BlockQuant:
-        return BlockQuant(self.q[index], self.d[index], self.m[index], self.bits)
-
     @staticmethod
     def cat(parts: list[BlockQuant]) -> BlockQuant:
         bits = max(p.bits for p in parts)
