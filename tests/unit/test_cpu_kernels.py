@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from levante.layers.attention import AttentionMetadata, PagedAttention
+from levante.layers.attention import AttentionMetadata, PagedAttention, PrefillChunk
 from levante.layers.cpu_kernels import CpuKernels, load_cpu_kernels
 from levante.layers.norm import RMSNorm
 from levante.layers.rotary import RotaryEmbedding
@@ -38,7 +38,7 @@ def test_kernel_matches_portable_path(kernel, dtype: torch.dtype, heads: int, kv
     )
     q = torch.randn(batch, heads, head_dim, generator=gen).to(dtype)
     expected = attn._decode(q, meta, block_size).float()
-    attn.decode_kernel = kernel
+    attn.kernels = kernel
     got = attn._decode(q, meta, block_size).float()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got - expected).abs().max().item() <= tol
@@ -124,7 +124,7 @@ def test_kernel_reads_a_narrower_cache(kernel: CpuKernels, cache_dtype: torch.dt
     )
     q = torch.randn(3, 32, 128, generator=gen)
     expected = attn._decode(q, meta, 16)
-    attn.decode_kernel = kernel
+    attn.kernels = kernel
     got = attn._decode(q, meta, 16)
     assert got.dtype == torch.float32
     assert (got - expected).abs().max().item() <= 1e-5
@@ -141,3 +141,86 @@ def test_rope_store_narrows_into_the_cache(kernel: CpuKernels) -> None:
     kernel.rope_store(qkv, rotary.cos_sin, positions, slots, k_cache, v_cache, 1, 2)
     assert torch.equal(v_cache[slots // 4, :, slots % 4], expected_v)  # rounded to nearest, as torch's .half()
     assert torch.equal(k_cache[slots // 4, :, slots % 4], qkv[:, 64 : 3 * 64].view(3, 2, 64).half())
+
+
+def _prefill_case(
+    heads: int, kv_heads: int, head_dim: int, window: int | None, cache_dtype: torch.dtype, q_dtype: torch.dtype,
+    chunks: list[tuple[int, int]], seed: int,
+) -> tuple[PagedAttention, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """A step of prefill chunks, each (cached tokens, new tokens) of its own sequence, with the chunks' K/V
+    already in the pool (as rope_store leaves them): the attention module, q, k, v, metadata."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks, block_size = 96, 16
+    attn = PagedAttention(heads, kv_heads, head_dim, window)
+    attn.k_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen).to(cache_dtype)
+    attn.v_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen).to(cache_dtype)
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    prefills, rows, tables, slots = [], [], [], []
+    start = 0
+    for cached, n in chunks:
+        nb = -(-(cached + n) // block_size)
+        table, free = free[:nb], free[nb:]
+        prefills.append(PrefillChunk(start, n, cached + n, torch.tensor(table)))
+        rows.append((start, n, cached + n))
+        tables.append(table + [0] * (8 - nb))
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(cached, cached + n)]
+        start += n
+    q = torch.randn(start, heads, head_dim, generator=gen).to(q_dtype)
+    slot = torch.tensor(slots)
+    k = attn.k_cache[slot // block_size, :, slot % block_size].to(q_dtype)  # [T, Hkv, hd]: what the cache holds
+    v = attn.v_cache[slot // block_size, :, slot % block_size].to(q_dtype)
+    meta = AttentionMetadata(
+        slot_mapping=slot, prefills=prefills, prefill_chunks=torch.tensor(rows), prefill_tables=torch.tensor(tables)
+    )
+    return attn, q, k, v, meta
+
+
+@pytest.mark.parametrize(("q_dtype", "cache_dtype"), [(torch.float32, torch.float32), (torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "window"), [(9, 3, 64, None), (8, 2, 128, 37), (4, 4, 48, None), (32, 8, 128, 5), (6, 2, 64, 20)])
+def test_prefill_kernel_matches_portable_path(
+    kernel: CpuKernels, q_dtype: torch.dtype, cache_dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, window: int | None
+) -> None:
+    """Chunks with and without cached context (prefix-cache hits, later chunks of a long prompt), of lengths
+    around the kernel's 16-token tiles, in one call, against gather + SDPA chunk by chunk."""
+    chunks = [(0, 2), (0, 17), (16, 33), (5, 1 + 15), (40, 64), (0, 100)]
+    attn, q, k, v, meta = _prefill_case(heads, kv_heads, head_dim, window, cache_dtype, q_dtype, chunks, heads * head_dim)
+    expected = attn(q, k, v, meta, stored=True).float()
+    attn.kernels = kernel
+    got = attn(q, k, v, meta, stored=True).float()
+    tol = 1e-5 if q_dtype == torch.float32 else 2e-2
+    assert (got - expected).abs().max().item() <= tol
+
+
+def test_prefill_kernel_reads_strided_queries(kernel: CpuKernels) -> None:
+    """q as the model passes it: a view of the fused qkv rows (token stride wider than the heads)."""
+    attn, q, k, v, meta = _prefill_case(9, 3, 64, None, torch.float16, torch.float32, [(0, 20), (7, 9)], 3)
+    qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+    view = qkv[:, : 9 * 64].view(q.shape[0], 9, 64)
+    assert not view.is_contiguous()
+    expected = attn(q, k, v, meta, stored=True)
+    attn.kernels = kernel
+    assert torch.allclose(attn(view, k, v, meta, stored=True), expected, atol=1e-5)
+
+
+def test_prefill_kernel_rows_do_not_depend_on_chunking(kernel: CpuKernels) -> None:
+    """A prompt's last 30 tokens give bit-identical outputs as one chunk of 50 or as the second chunk
+    after 20 cached tokens (what makes chunked prefill and prefix-cache hits exact)."""
+    attn, q, k, v, meta = _prefill_case(9, 3, 64, None, torch.float16, torch.float32, [(0, 50)], 11)
+    attn.kernels = kernel
+    whole = attn(q, k, v, meta, stored=True)[20:]
+    chunk = meta.prefills[0]
+    table = chunk.block_table
+    second = AttentionMetadata(
+        slot_mapping=meta.slot_mapping[20:], prefills=[PrefillChunk(0, 30, 50, table)],
+        prefill_chunks=torch.tensor([[0, 30, 50]]), prefill_tables=table.unsqueeze(0),
+    )
+    assert torch.equal(attn(q[20:], k[20:], v[20:], second, stored=True), whole)
+
+
+def test_prefill_kernel_refuses_bad_metadata(kernel: CpuKernels) -> None:
+    attn, q, _, _, meta = _prefill_case(9, 3, 64, None, torch.float32, torch.float32, [(0, 20)], 5)
+    out = torch.empty_like(q)
+    with pytest.raises(RuntimeError, match="chunk outside the step"):
+        kernel.paged_prefill(q, attn.k_cache, attn.v_cache, meta.prefill_tables, torch.tensor([[10, 20, 20]]), out, 0.125, None)
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        kernel.paged_prefill(q, attn.k_cache, attn.v_cache, torch.full((1, 8), 500), meta.prefill_chunks, out, 0.125, None)

@@ -1,5 +1,6 @@
 // Native CPU kernels of Levante, built once with the machine's compiler (layers/cpu_kernels.py):
 //   paged_decode   decode attention reading K/V straight from the paged cache
+//   paged_prefill  causal attention of prefill chunks over their cached context and themselves
 //   block_gemm     y = x W^T with block-quantised weights (4/8 bits) and int8 activations (AVX512-VNNI)
 //   rms_norm       RMSNorm of rows, in float32
 //   rope_store     rotary embedding of q and k in place, and K/V written into their cache slots
@@ -291,6 +292,197 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   });
 }
 
+// ================================================================ paged prefill attention
+// The new tokens of prefill chunks attend causally to their sequence's context in the paged cache
+// (its cached prefix and the chunk itself, both written there by rope_store). One task per (chunk,
+// KV head, tile of 16 consecutive tokens): the tile's keys are widened to float32 once for the G
+// query heads of the KV head; per head, scores are laid out key by key with the 16 tokens in the
+// lanes, so masking, the running max, exp and the sums are all lane-wise (no horizontal reductions).
+// Each token's result depends only on the token and its context (keys in order from the first,
+// masked keys contributing exact zeros), so chunking a prompt differently never changes it.
+constexpr int64_t kQTile = 16;
+
+struct PrefillTask {
+  int64_t chunk, kvh, i0;  // tokens i0 .. i0 + 15 (chunk-relative) of the chunk, one KV head
+  int64_t work;            // keys the tile reads (its cost, for ordering)
+};
+
+#if LEVANTE_AVX512
+// Tokens i in [0, nq): query rows q + i * q_ld (H heads of D), context positions first_pos + i.
+template <typename TQ, typename TC, int D16>
+void prefill_tile(const TQ* q, int64_t q_ld, int64_t G, int64_t kvh, const TC* kh, const TC* vh, const int64_t* table,
+                  int64_t bs, int64_t row, int64_t first_pos, int64_t nq, int64_t window, float scale, TQ* out,
+                  int64_t out_ld, float* kf, float* vf, float* s, float* qt) {
+  constexpr int64_t D = D16 * 16;
+  const int64_t khi = first_pos + nq;  // keys [klo, khi): every key some token of the tile may see
+  const int64_t klo = window > 0 ? std::max<int64_t>(0, first_pos - window + 1) : 0;
+  const int64_t nk = khi - klo;
+  for (int64_t j = 0, t = klo; j < nk; ++j, ++t) {
+    const int64_t at = (table[t / bs] * row + t % bs) * D;
+    for (int i = 0; i < D16; ++i) {
+      _mm512_storeu_ps(kf + j * D + 16 * i, load16(kh + at + 16 * i));
+      _mm512_storeu_ps(vf + j * D + 16 * i, load16(vh + at + 16 * i));
+    }
+  }
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __mmask16 padding = static_cast<__mmask16>(~((1u << nq) - 1) & 0xFFFF);  // lanes past the tile: see every key
+  // Lane i sees key t iff t <= first_pos + i and (no window or t > first_pos + i - window).
+  const auto visible = [&](int64_t t) -> __mmask16 {
+    const __m512i rel = _mm512_set1_epi32(static_cast<int32_t>(t - first_pos));
+    __mmask16 m = _mm512_cmpge_epi32_mask(lane, rel);
+    if (window > 0) m &= _mm512_cmplt_epi32_mask(lane, _mm512_add_epi32(rel, _mm512_set1_epi32(static_cast<int32_t>(window))));
+    return m | padding;
+  };
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t head = kvh * G + g;
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t i = 0; i < kQTile; ++i) qt[d * kQTile + i] = i < nq ? to_float(q[i * q_ld + head * D + d]) * scale : 0.f;
+    // scores s[j][i] = q_i . k_j, 8 keys at a time; masked ones -inf
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int64_t j = 0;
+    const auto finish_row = [&](int64_t jj, __m512 acc) {
+      const __m512 v = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), visible(klo + jj), acc);
+      _mm512_storeu_ps(s + jj * kQTile, v);
+      mx = _mm512_max_ps(mx, v);
+    };
+    for (; j + 8 <= nk; j += 8) {
+      __m512 acc[8];
+      for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_ps();
+      const float* k0 = kf + j * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const __m512 qd = _mm512_loadu_ps(qt + d * kQTile);
+        for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_ps(qd, _mm512_set1_ps(k0[r * D + d]), acc[r]);
+      }
+      for (int r = 0; r < 8; ++r) finish_row(j + r, acc[r]);
+    }
+    for (; j < nk; ++j) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; ++d) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qt + d * kQTile), _mm512_set1_ps(kf[j * D + d]), acc);
+      finish_row(j, acc);
+    }
+    // softmax numerators in place (masked keys exactly 0), and their sums
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j < nk; ++j) {
+      const __m512 v = _mm512_loadu_ps(s + j * kQTile);
+      const __mmask16 live = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(v, mx)));
+      _mm512_storeu_ps(s + j * kQTile, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    alignas(64) float inv[kQTile];
+    _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.f), sum));
+    // out_i = sum_j p[j][i] v_j / sum_i, RB tokens at a time with their D16 accumulators in registers
+    constexpr int RB = D16 <= 4 ? 4 : 2;
+    for (int64_t i0 = 0; i0 < nq; i0 += RB) {
+      const int64_t rb = std::min<int64_t>(RB, nq - i0);
+      // keys any of these tokens sees: up to the last one's position, from the first one's window
+      const int64_t jb = window > 0 ? std::max<int64_t>(0, first_pos + i0 - window + 1 - klo) : 0;
+      const int64_t je = first_pos + i0 + rb - klo;
+      __m512 a[RB][D16];
+      for (int r = 0; r < RB; ++r)
+        for (int dv = 0; dv < D16; ++dv) a[r][dv] = _mm512_setzero_ps();
+      for (int64_t jj = jb; jj < je; ++jj) {
+        __m512 v[D16];
+        for (int dv = 0; dv < D16; ++dv) v[dv] = _mm512_loadu_ps(vf + jj * D + 16 * dv);
+        for (int r = 0; r < RB; ++r) {
+          const __m512 p = _mm512_set1_ps(s[jj * kQTile + i0 + r]);
+          for (int dv = 0; dv < D16; ++dv) a[r][dv] = _mm512_fmadd_ps(p, v[dv], a[r][dv]);
+        }
+      }
+      for (int64_t r = 0; r < rb; ++r) {
+        const __m512 iv = _mm512_set1_ps(inv[i0 + r]);
+        TQ* o = out + (i0 + r) * out_ld + head * D;
+        for (int dv = 0; dv < D16; ++dv) store16(o + 16 * dv, _mm512_mul_ps(a[r][dv], iv));
+      }
+    }
+  }
+}
+
+#endif
+
+// Portable version of one tile (no AVX-512, or a head size that is not a multiple of 16): the same
+// arithmetic token by token.
+template <typename TQ, typename TC>
+void prefill_tile_scalar(const TQ* q, int64_t q_ld, int64_t G, int64_t kvh, const TC* kh, const TC* vh,
+                         const int64_t* table, int64_t bs, int64_t row, int64_t D, int64_t first_pos, int64_t nq,
+                         int64_t window, float scale, TQ* out, int64_t out_ld, float* s) {
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t head = kvh * G + g;
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t pos = first_pos + i;
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+      const TQ* qi = q + i * q_ld + head * D;
+      float m = -INFINITY;
+      for (int64_t t = lo; t <= pos; ++t) {
+        const TC* k = kh + (table[t / bs] * row + t % bs) * D;
+        float sc = 0.f;
+        for (int64_t d = 0; d < D; ++d) sc += to_float(qi[d]) * scale * to_float(k[d]);
+        s[t - lo] = sc;
+        m = std::max(m, sc);
+      }
+      float sum = 0.f;
+      for (int64_t t = lo; t <= pos; ++t) { s[t - lo] = std::exp(s[t - lo] - m); sum += s[t - lo]; }
+      TQ* o = out + i * out_ld + head * D;
+      for (int64_t d = 0; d < D; ++d) {
+        float acc = 0.f;
+        for (int64_t t = lo; t <= pos; ++t) acc += s[t - lo] * to_float(vh[(table[t / bs] * row + t % bs) * D + d]);
+        o[d] = static_cast<TQ>(acc / sum);
+      }
+    }
+  }
+}
+
+// q: [T, H, D] (token rows may be strided); out: [T, H, D] contiguous; chunks: [C, 3] (first token in
+// the step, tokens, context length including them); tables: [C, max_blocks].
+template <typename TQ, typename TC>
+void prefill_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& tables,
+                    const at::Tensor& chunks, at::Tensor& out, double scale, int64_t window) {
+  const int64_t H = q.size(1), D = q.size(2), q_ld = q.stride(0);
+  const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2), G = H / Hkv, row = Hkv * bs;
+  const int64_t C = chunks.size(0), max_blocks = tables.size(1);
+  const int64_t* ch = chunks.data_ptr<int64_t>();
+  const int64_t* bt = tables.data_ptr<int64_t>();
+  std::vector<PrefillTask> tasks;
+  int64_t widest = 1;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t len = ch[c * 3 + 1], cached = ch[c * 3 + 2] - len;
+    for (int64_t i0 = 0; i0 < len; i0 += kQTile) {
+      const int64_t last = cached + std::min(len, i0 + kQTile);  // one past the tile's last position
+      const int64_t keys = window > 0 ? std::min(last, window + kQTile) : last;
+      widest = std::max(widest, keys);
+      for (int64_t h = 0; h < Hkv; ++h) tasks.push_back({c, h, i0, keys});
+    }
+  }
+  // Longest tiles first, so that the last ones to finish are short.
+  std::stable_sort(tasks.begin(), tasks.end(), [](const PrefillTask& a, const PrefillTask& b) { return a.work > b.work; });
+  const TQ* qp = q.data_ptr<TQ>();
+  const TC* kp = k_cache.data_ptr<TC>();
+  const TC* vp = v_cache.data_ptr<TC>();
+  TQ* op = out.data_ptr<TQ>();
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  std::atomic<int64_t> next{0};
+  for_each_dynamic(n, next, [&](auto claim) {
+    std::vector<float> kf(widest * D), vf(widest * D), s(widest * kQTile), qt(D * kQTile);
+    for (int64_t k = claim(); k < n; k = claim()) {
+      const PrefillTask& task = tasks[k];
+      const int64_t start = ch[task.chunk * 3], len = ch[task.chunk * 3 + 1];
+      const int64_t first_pos = ch[task.chunk * 3 + 2] - len + task.i0;
+      const int64_t nq = std::min(kQTile, len - task.i0);
+      const TQ* qt0 = qp + (start + task.i0) * q_ld;
+      TQ* o = op + (start + task.i0) * H * D;
+      const int64_t* table = bt + task.chunk * max_blocks;
+      const TC* kh = kp + task.kvh * bs * D;
+      const TC* vh = vp + task.kvh * bs * D;
+      const float sc = static_cast<float>(scale);
+#if LEVANTE_AVX512
+      if (D == 64) { prefill_tile<TQ, TC, 4>(qt0, q_ld, G, task.kvh, kh, vh, table, bs, row, first_pos, nq, window, sc, o, H * D, kf.data(), vf.data(), s.data(), qt.data()); continue; }
+      if (D == 128) { prefill_tile<TQ, TC, 8>(qt0, q_ld, G, task.kvh, kh, vh, table, bs, row, first_pos, nq, window, sc, o, H * D, kf.data(), vf.data(), s.data(), qt.data()); continue; }
+#endif
+      prefill_tile_scalar<TQ, TC>(qt0, q_ld, G, task.kvh, kh, vh, table, bs, row, D, first_pos, nq, window, sc, o, H * D, s.data());
+    }
+  });
+}
+
 
 // ================================================================ block-quantised GEMM
 constexpr int64_t kBlock = 32;
@@ -567,7 +759,15 @@ void rope_token(T* qk, int64_t heads, int64_t hd, const float* cs) {
   const float* sin = cs + hd;
   for (int64_t h = 0; h < heads; ++h) {
     T* x = qk + h * hd;
-    for (int64_t i = 0; i < half; ++i) {
+    int64_t i = 0;
+#if LEVANTE_AVX512
+    for (; i + 16 <= half; i += 16) {
+      const __m512 a = load16(x + i), b = load16(x + i + half);
+      store16(x + i, _mm512_fmsub_ps(a, _mm512_loadu_ps(cos + i), _mm512_mul_ps(b, _mm512_loadu_ps(sin + i))));
+      store16(x + i + half, _mm512_fmadd_ps(b, _mm512_loadu_ps(cos + i + half), _mm512_mul_ps(a, _mm512_loadu_ps(sin + i + half))));
+    }
+#endif
+    for (; i < half; ++i) {
       const float a = to_float(x[i]), b = to_float(x[i + half]);
       x[i] = static_cast<T>(a * cos[i] - b * sin[i]);
       x[i + half] = static_cast<T>(b * cos[i + half] + a * sin[i + half]);
@@ -648,6 +848,38 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at
     });
   });
   return out;
+}
+
+
+// q: [T, H, D] (token rows may be strided, e.g. a view of the fused qkv); out: [T, H, D], whose rows of
+// the chunks' tokens are written. chunks: [C, 3] int64 (first token in the step, tokens, context length
+// including them); tables: [C, max_blocks] int64. The chunks' K/V must be in the cache already.
+void paged_prefill(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tables, at::Tensor chunks,
+                   at::Tensor out, double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "paged_prefill: bad shapes");
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0 && q.size(2) == k_cache.size(3), "paged_prefill: head mismatch");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "paged_prefill: k and v caches have different dtypes");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_prefill: caches must be contiguous");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_prefill: each token's heads must be contiguous");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "paged_prefill: out must be like q, contiguous");
+  chunks = chunks.to(at::kLong).contiguous();
+  tables = tables.to(at::kLong).contiguous();
+  TORCH_CHECK(chunks.dim() == 2 && chunks.size(1) == 3 && tables.dim() == 2 && tables.size(0) == chunks.size(0), "paged_prefill: one [start, len, ctx] row and block table per chunk");
+  const int64_t T = q.size(0), bs = k_cache.size(2), nb = k_cache.size(0);
+  const int64_t* ch = chunks.data_ptr<int64_t>();
+  const int64_t* bt = tables.data_ptr<int64_t>();
+  for (int64_t c = 0; c < chunks.size(0); ++c) {
+    const int64_t start = ch[c * 3], len = ch[c * 3 + 1], ctx = ch[c * 3 + 2];
+    TORCH_CHECK(start >= 0 && len > 0 && start + len <= T && ctx >= len, "paged_prefill: chunk outside the step");
+    TORCH_CHECK((ctx + bs - 1) / bs <= tables.size(1), "paged_prefill: block table shorter than the context");
+    for (int64_t b = 0; b < (ctx + bs - 1) / bs; ++b)
+      TORCH_CHECK(0 <= bt[c * tables.size(1) + b] && bt[c * tables.size(1) + b] < nb, "paged_prefill: block id out of range");
+  }
+  LEVANTE_DISPATCH_AS(q.scalar_type(), "paged_prefill", TQ, [&] {
+    LEVANTE_DISPATCH_AS(k_cache.scalar_type(), "paged_prefill", TC, [&] {
+      prefill_kernel<TQ, TC>(q, k_cache, v_cache, tables, chunks, out, scale, window);
+    });
+  });
 }
 
 
@@ -810,6 +1042,8 @@ bool has_vnni() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache");
+  m.def("paged_prefill", &paged_prefill, "causal attention of prefill chunks over their context in the paged cache",
+        py::call_guard<py::gil_scoped_release>());
   m.def("block_gemm", &block_gemm, "y = x W^T with block-quantised W (4/8 bits) and int8 activations",
         py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("N"), py::arg("bits"), py::arg("residual") = py::none());
   m.def("rms_norm", &rms_norm, "weight * rms_norm(x)");

@@ -181,6 +181,7 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
+        prefill_tables: list[list[int]] = []
         for seq, n in zip(seqs, counts, strict=True):
             begin = seq.num_computed_tokens
             table = seq.block_table
@@ -188,8 +189,9 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lens.append(begin + 1)
             else:
-                blocks = torch.tensor(table[: -(-(begin + n) // bs)], dtype=torch.long, device=self.device)
-                prefills.append(PrefillChunk(len(ids), n, begin + n, blocks))
+                blocks = table[: -(-(begin + n) // bs)]
+                prefill_tables.append(blocks)
+                prefills.append(PrefillChunk(len(ids), n, begin + n, torch.tensor(blocks, dtype=torch.long, device=self.device)))
             ids.extend(seq.token_ids[begin : begin + n])
             pos.extend(range(begin, begin + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(begin, begin + n))
@@ -198,6 +200,14 @@ class ModelRunner:
             num_decode=len(decode_lens),
             prefills=prefills,
         )
+        if prefills:
+            meta.prefill_chunks = torch.tensor(
+                [(c.q_start, c.q_len, c.ctx_len) for c in prefills], dtype=torch.long, device=self.device
+            )
+            width = max(len(t) for t in prefill_tables)
+            meta.prefill_tables = torch.tensor(
+                [t + [0] * (width - len(t)) for t in prefill_tables], dtype=torch.long, device=self.device
+            )
         if decode_lens:
             width = max(-(-length // bs) for length in decode_lens)
             padded = [t[:width] + [0] * (width - min(len(t), width)) for t in decode_tables]

@@ -12,7 +12,9 @@ tokens 4..5 to slots 8..9. Writing K/V for the step's new tokens uses `slot_mapp
 
 A step mixes decode tokens (one per sequence, batched into one SDPA call) and prefill
 chunks (one SDPA call per chunk; a chunk after cached context reads that context back
-from the cache, which is what makes chunked prefill and prefix caching work).
+from the cache, which is what makes chunked prefill and prefix caching work). On CPU the
+native kernels replace both: `paged_decode` for the decodes and one `paged_prefill` call
+for all the chunks of the step, each reading K/V through the block tables.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None  # [B] int64, including the new token
     decode_max_len: int = 0
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # The same chunks as tensors, for the native prefill kernel: [C, 3] int64 rows (q_start, q_len,
+    # ctx_len), and their block tables [C, max_blocks] int64 (padded with 0).
+    prefill_chunks: torch.Tensor | None = None
+    prefill_tables: torch.Tensor | None = None
 
 
 class PagedAttention(nn.Module):
@@ -64,7 +70,7 @@ class PagedAttention(nn.Module):
         # Bound by the model runner when it allocates the pool.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
-        self.decode_kernel: CpuKernels | None = None  # the native paged decode kernel, when the runner has it
+        self.kernels: CpuKernels | None = None  # the native paged attention kernels, when the runner has them
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, stored: bool = False
@@ -77,9 +83,14 @@ class PagedAttention(nn.Module):
             self.v_cache[blocks, :, offsets] = v.to(self.v_cache.dtype)
         if meta.num_decode == q.shape[0]:  # a decode-only step
             return self._decode(q, meta, block_size).reshape(q.shape[0], -1)
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.num_decode:
             out[: meta.num_decode] = self._decode(q[: meta.num_decode], meta, block_size)
+        if stored and self.kernels is not None and meta.prefill_chunks is not None and meta.prefill_tables is not None:
+            self.kernels.paged_prefill(
+                q, self.k_cache, self.v_cache, meta.prefill_tables, meta.prefill_chunks, out, self.scale, self.sliding_window
+            )
+            return out.view(q.shape[0], -1)
         for chunk in meta.prefills:
             s = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             out[s] = self._prefill(q[s], k[s], v[s], chunk, block_size)
@@ -95,8 +106,8 @@ class PagedAttention(nn.Module):
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-        if self.decode_kernel is not None:
-            return self.decode_kernel.paged_decode(
+        if self.kernels is not None:
+            return self.kernels.paged_decode(
                 q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale, self.sliding_window
             )
         length = meta.decode_max_len

@@ -5,7 +5,9 @@ under ~/.cache/torch_extensions) and returns typed entry points, or None where i
 every caller keeps a portable torch path for that case and for other devices. The kernels:
 
 - `paged_decode`: decode attention that walks each sequence's block table in the paged cache
-  (one task per sequence and query head, float32 scores, AVX-512 where the CPU has it).
+  (one task per sequence and KV head, float32 scores, AVX-512 where the CPU has it).
+- `paged_prefill`: causal attention of a step's prefill chunks over their context in the paged
+  cache (cached prefix and the chunk itself), in one call for every chunk.
 - `block_gemm`: y = x W^T with block-quantised weights (layers/block_quant.py), on AVX512-VNNI.
 - `rms_norm`, `rope_store`, `silu_mul`: fused versions of the small per-layer ops, which at
   decode batch sizes cost more in dispatch than in arithmetic.
@@ -41,6 +43,14 @@ class CpuKernels:
         """q: [B, H, hd]; caches: [N, bs, Hkv, hd]; block_tables: [B, max_blocks]; ctx_lens: [B] -> [B, H, hd]."""
         out: torch.Tensor = self._m.paged_decode(q, k_cache, v_cache, block_tables, ctx_lens, scale, window or -1)
         return out
+
+    def paged_prefill(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, chunks: torch.Tensor,
+        out: torch.Tensor, scale: float, window: int | None,
+    ) -> None:
+        """q, out: [T, H, hd]; chunks: [C, 3] (q_start, q_len, ctx_len); tables: [C, max_blocks]. Writes the
+        chunks' rows of out; their K/V must be in the cache already."""
+        self._m.paged_prefill(q, k_cache, v_cache, tables, chunks, out, scale, window or -1)
 
     def block_gemm(
         self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, n: int, bits: int, residual: torch.Tensor | None

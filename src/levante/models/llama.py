@@ -128,14 +128,14 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def use_cpu_kernels(self, kernels: CpuKernels | None, attention: bool = True) -> None:
-        """Run norms, rotary + cache writes, silu * up (and, with `attention`, decode attention) on the
+        """Run norms, rotary + cache writes, silu * up (and, with `attention`, paged attention) on the
         fused CPU kernels; None returns every layer to the portable torch ops."""
         self.kernels = kernels
         for module in self.modules():
             if isinstance(module, RMSNorm | Attention | MLP):
                 module.kernels = kernels
             elif isinstance(module, PagedAttention):
-                module.decode_kernel = kernels if attention else None
+                module.kernels = kernels if attention else None
         self.decode_plan = self._decode_plan() if kernels is not None and attention else None
 
     def _decode_plan(self) -> list[list[torch.Tensor]] | None:
