@@ -126,8 +126,9 @@ def measure(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> None:
                                         attn.attn.v_cache, attn.num_heads, attn.num_kv_heads)
             else:
                 rope.rotate(qkv[:, : attn.q_size + attn.kv_size].view(T, -1, attn.head_dim))
-                attn.attn.k_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, meta.slot_mapping, k.to(attn.attn.k_cache.dtype))
-                attn.attn.v_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, meta.slot_mapping, v.to(attn.attn.v_cache.dtype))
+                blocks, offsets = meta.slot_mapping // runner.block_size, meta.slot_mapping % runner.block_size
+                attn.attn.k_cache[blocks, :, :, offsets] = k.to(attn.attn.k_cache.dtype)  # as PagedAttention.forward
+                attn.attn.v_cache[blocks, :, offsets] = v.to(attn.attn.v_cache.dtype)
 
         def silu() -> torch.Tensor:
             if mlp.kernels is not None:

@@ -21,13 +21,16 @@ def kernel() -> CpuKernels:
     return k
 
 
+@pytest.mark.parametrize("block_size", [16, 4, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "window"), [(9, 3, 64, None), (8, 2, 128, 37), (4, 4, 48, None), (32, 8, 128, 5)])
-def test_kernel_matches_portable_path(kernel, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, window: int | None) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "window"), [(9, 3, 64, None), (8, 2, 128, 37), (4, 4, 48, None), (32, 8, 128, 5), (10, 1, 64, None)])
+def test_kernel_matches_portable_path(kernel, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, window: int | None, block_size: int) -> None:  # type: ignore[no-untyped-def]
+    """Decode attention: blocks narrower and wider than a score vector (16 keys), windows starting inside a
+    block, 1 to 10 query heads per KV head."""
     gen = torch.Generator().manual_seed(heads * head_dim)
-    num_blocks, block_size, batch = 64, 16, 7
+    num_blocks, batch = 64, 7
     attn = PagedAttention(heads, kv_heads, head_dim, window)
-    attn.k_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen).to(dtype)
+    attn.k_cache = torch.randn(num_blocks, kv_heads, head_dim, block_size, generator=gen).to(dtype)  # keys transposed per block
     attn.v_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen).to(dtype)
     lens = torch.tensor([1, 2, 15, 16, 17, 60, 100])
     width = int((lens.max() + block_size - 1) // block_size)
@@ -83,13 +86,13 @@ def test_rope_store_rotates_and_writes_the_cache(kernel: CpuKernels, heads: int,
     rope = rotary.step(positions, torch.float32)
     qk = rope.rotate(qkv[:, : (heads + kv_heads) * head_dim].view(tokens, heads + kv_heads, head_dim))
     v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
-    k_cache = torch.zeros(num_blocks, kv_heads, block_size, head_dim)  # the pool's layout: [block, head, offset, dim]
-    v_cache = torch.zeros_like(k_cache)
+    k_cache = torch.zeros(num_blocks, kv_heads, head_dim, block_size)  # the pool's layout: keys [block, head, dim, offset]
+    v_cache = torch.zeros(num_blocks, kv_heads, block_size, head_dim)  # values [block, head, offset, dim]
     got = qkv.clone()
     kernel.rope_store(got, rotary.cos_sin, positions, slots, k_cache, v_cache, heads, kv_heads)
     assert torch.allclose(got[:, : (heads + kv_heads) * head_dim].view(tokens, -1, head_dim), qk, atol=1e-6)
     assert torch.equal(got[:, (heads + kv_heads) * head_dim :], qkv[:, (heads + kv_heads) * head_dim :])  # v untouched
-    flat_k = k_cache.transpose(1, 2).reshape(-1, kv_heads, head_dim)  # [slot, head, dim]
+    flat_k = k_cache.permute(0, 3, 1, 2).reshape(-1, kv_heads, head_dim)  # [slot, head, dim]
     flat_v = v_cache.transpose(1, 2).reshape(-1, kv_heads, head_dim)
     assert torch.allclose(flat_k[slots], qk[:, heads:], atol=1e-6)
     assert torch.equal(flat_v[slots], v)
@@ -101,12 +104,14 @@ def test_rope_store_rotates_and_writes_the_cache(kernel: CpuKernels, heads: int,
 def test_rope_store_refuses_slots_outside_the_cache(kernel: CpuKernels) -> None:
     rotary = RotaryEmbedding(64, 16, 10000.0, None)
     rotary.build(torch.device("cpu"))
-    cache = torch.zeros(2, 1, 4, 64)  # 2 blocks of 4 slots, 1 KV head
+    keys, values = torch.zeros(2, 1, 64, 4), torch.zeros(2, 1, 4, 64)  # 2 blocks of 4 slots, 1 KV head
     qkv = torch.randn(1, 3 * 64)
     with pytest.raises(RuntimeError, match="out of range"):
-        kernel.rope_store(qkv, rotary.cos_sin, torch.tensor([0]), torch.tensor([8]), cache, cache.clone(), 1, 1)
+        kernel.rope_store(qkv, rotary.cos_sin, torch.tensor([0]), torch.tensor([8]), keys, values, 1, 1)
     with pytest.raises(RuntimeError, match="out of range"):
-        kernel.rope_store(qkv, rotary.cos_sin, torch.tensor([16]), torch.tensor([0]), cache, cache.clone(), 1, 1)
+        kernel.rope_store(qkv, rotary.cos_sin, torch.tensor([16]), torch.tensor([0]), keys, values, 1, 1)
+    with pytest.raises(RuntimeError, match="keys must be"):  # both in the values' layout
+        kernel.rope_store(qkv, rotary.cos_sin, torch.tensor([0]), torch.tensor([0]), values.clone(), values, 1, 1)
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
@@ -114,7 +119,7 @@ def test_kernel_reads_a_narrower_cache(kernel: CpuKernels, cache_dtype: torch.dt
     """float32 queries over a float16/bfloat16 KV pool (the default with quantised weights) against the portable path."""
     gen = torch.Generator().manual_seed(7)
     attn = PagedAttention(32, 8, 128, None)
-    attn.k_cache = torch.randn(16, 8, 16, 128, generator=gen).to(cache_dtype)
+    attn.k_cache = torch.randn(16, 8, 128, 16, generator=gen).to(cache_dtype)
     attn.v_cache = torch.randn(16, 8, 16, 128, generator=gen).to(cache_dtype)
     lens = torch.tensor([5, 70, 33])
     tables = torch.stack([torch.randperm(16, generator=gen)[:5] for _ in range(3)])
@@ -134,13 +139,13 @@ def test_rope_store_narrows_into_the_cache(kernel: CpuKernels) -> None:
     rotary = RotaryEmbedding(64, 32, 10000.0, None)
     rotary.build(torch.device("cpu"))
     qkv = torch.randn(3, 5 * 64)
-    k_cache = torch.zeros(2, 2, 4, 64, dtype=torch.float16)
-    v_cache = torch.zeros_like(k_cache)
+    k_cache = torch.zeros(2, 2, 64, 4, dtype=torch.float16)
+    v_cache = torch.zeros(2, 2, 4, 64, dtype=torch.float16)
     positions, slots = torch.tensor([0, 5, 9]), torch.tensor([1, 6, 2])
     expected_v = qkv[:, 3 * 64 :].view(3, 2, 64).half()
     kernel.rope_store(qkv, rotary.cos_sin, positions, slots, k_cache, v_cache, 1, 2)
     assert torch.equal(v_cache[slots // 4, :, slots % 4], expected_v)  # rounded to nearest, as torch's .half()
-    assert torch.equal(k_cache[slots // 4, :, slots % 4], qkv[:, 64 : 3 * 64].view(3, 2, 64).half())
+    assert torch.equal(k_cache[slots // 4, :, :, slots % 4], qkv[:, 64 : 3 * 64].view(3, 2, 64).half())
 
 
 def _prefill_case(
@@ -152,7 +157,7 @@ def _prefill_case(
     gen = torch.Generator().manual_seed(seed)
     num_blocks, block_size = 96, 16
     attn = PagedAttention(heads, kv_heads, head_dim, window)
-    attn.k_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen).to(cache_dtype)
+    attn.k_cache = torch.randn(num_blocks, kv_heads, head_dim, block_size, generator=gen).to(cache_dtype)
     attn.v_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen).to(cache_dtype)
     free = torch.randperm(num_blocks, generator=gen).tolist()
     prefills, rows, tables, slots = [], [], [], []
@@ -167,7 +172,7 @@ def _prefill_case(
         start += n
     q = torch.randn(start, heads, head_dim, generator=gen).to(q_dtype)
     slot = torch.tensor(slots)
-    k = attn.k_cache[slot // block_size, :, slot % block_size].to(q_dtype)  # [T, Hkv, hd]: what the cache holds
+    k = attn.k_cache[slot // block_size, :, :, slot % block_size].to(q_dtype)  # [T, Hkv, hd]: what the cache holds
     v = attn.v_cache[slot // block_size, :, slot % block_size].to(q_dtype)
     meta = AttentionMetadata(
         slot_mapping=slot, prefills=prefills, prefill_chunks=torch.tensor(rows), prefill_tables=torch.tensor(tables)

@@ -89,97 +89,115 @@ static inline __m512 exp16(__m512 x) {
 #endif
 
 // ================================================================ paged decode attention
-// One task per (sequence, query head): the head's scores over its window, softmax, weighted sum of V.
-// K/V rows are read straight from their blocks (bf16/f16 widened to float32 in registers) and are
-// hot in cache for the other query heads of the same KV head (GQA).
+// One task per (sequence, KV head): the G query heads that share the KV head, over its window of the
+// sequence's context. Keys are stored transposed within each block ([D][bs] per head), so one vector
+// load is one dimension of 16 keys and a score vector holds 16 keys: no horizontal sums. Values are
+// rows ([bs][D] per head), accumulated with the probabilities broadcast. The head's K and V blocks
+// are each one contiguous run in the block, prefetched a few blocks ahead (they are scattered over
+// the pool, where no hardware prefetcher looks).
 
 #if LEVANTE_AVX512
-// A prefetch into L1 that the compiler keeps (GCC deletes _mm_prefetch loops it deems to have no effect).
+// A prefetch the compiler keeps (GCC deletes _mm_prefetch loops it deems to have no effect).
 inline void prefetch(const char* p) { asm volatile("prefetcht0 %0" : : "m"(*p)); }
+inline void prefetch_l2(const char* p) { asm volatile("prefetcht1 %0" : : "m"(*p)); }
 
-// Lane i of the result = the sum of the 16 lanes of v[i] (a transposing reduction tree: 45 ops for
-// 16 horizontal sums instead of ~8 each).
-inline __m512 hsum16(const __m512 v[16]) {
-  __m512 x[8], y[4];
-  for (int i = 0; i < 8; ++i) x[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {
-    const __m512d a = _mm512_castps_pd(x[2 * i]), b = _mm512_castps_pd(x[2 * i + 1]);
-    y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+// 16 consecutive values of T (lanes outside `m` read as 0), widened to float32.
+template <typename T> inline __m512 load16_masked(const T* p, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
   }
-  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
-  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x88), _mm512_shuffle_f32x4(y[2], y[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xDD));
+}
+
+// Scores of GC query heads (q: [GC][D], scaled) against `w` <= 16 keys of a transposed block (kt:
+// [D][bs], the keys at columns sub .. sub + w). Four partial sums per head (dimensions d mod 4) keep
+// 4 GC independent FMA chains in flight; their sum is always taken in the same order.
+template <typename TC, int GC>
+inline void key_scores(const float* q, int64_t D, const TC* kt, int64_t bs, __mmask16 lanes, __m512 out[GC]) {
+  __m512 a[GC][4];
+  for (int g = 0; g < GC; ++g)
+    for (int r = 0; r < 4; ++r) a[g][r] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 4) {
+    for (int r = 0; r < 4; ++r) {
+      const __m512 k = load16_masked(kt + (d + r) * bs, lanes);
+      for (int g = 0; g < GC; ++g) a[g][r] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * D + d + r]), k, a[g][r]);
+    }
+  }
+  for (int g = 0; g < GC; ++g) out[g] = _mm512_add_ps(_mm512_add_ps(a[g][0], a[g][1]), _mm512_add_ps(a[g][2], a[g][3]));
 }
 #endif
 
-// The G query heads that share one KV head, over tokens [start, len) of one sequence. Each K and V
-// row is read from its block and widened to float32 once for all G heads:
-//   scores: 16 tokens at a time, their K rows widened into kf (L1), then 16 dot products per head
-//           summed horizontally together (hsum16);
-//   output: token by token, the V row widened once and added into the accumulators of up to
-//           16 / D16 heads held in registers.
-//   q: [G][D] float32, already scaled; scores: [G][ld] scratch (ld >= len - start rounded up to 16);
-//   kf: [16][D] scratch; acc: [G][D] float32 output. D16: D / 16 when the AVX-512 path applies
-//   (compile-time), else 0.
+// The G query heads of one KV head over tokens [start, len) of one sequence.
+//   q: [G][D] float32, already scaled; kp, vp: this head's rows within block 0 (blocks are `row` * D
+//   elements apart); scores: [G][ld] scratch, indexed from the first token of start's block; inv: [G]
+//   scratch; acc: [G][D] float32 output. D16: D / 16 when the AVX-512 path applies (compile time), else 0.
 template <typename TC, int D16>
 void group_attention(const float* q, int64_t G, const TC* kp, const TC* vp, const int64_t* table, int64_t bs,
-                     int64_t row, int64_t start, int64_t len, int64_t D, float* scores, int64_t ld, float* kf,
+                     int64_t row, int64_t start, int64_t len, int64_t D, float* scores, int64_t ld, float* inv,
                      float* acc) {
-  const int64_t n = len - start;
-  const int bs_shift = __builtin_ctzll(static_cast<unsigned long long>(bs));  // block sizes are powers of two
+  const int64_t block_elems = row * D;
 #if LEVANTE_AVX512
   if constexpr (D16 > 0) {
-    // Rows sit in blocks scattered over the pool, where no hardware prefetcher looks: ask for the
-    // rows kAhead tokens ahead while these are computed (without it a core waits on memory latency).
-    constexpr int64_t kLines = static_cast<int64_t>(D16 * 16 * sizeof(TC) + 63) / 64;
-    const auto prefetch_rows = [&](const TC* base, int64_t from, int64_t to) {
-      for (int64_t t = from; t < to; ++t) {
-        const char* r = reinterpret_cast<const char*>(base + (table[t >> bs_shift] * row + (t & (bs - 1))) * D);
-        for (int64_t l = 0; l < kLines; ++l) prefetch(r + 64 * l);
-      }
+    const int64_t first = start / bs, last = (len + bs - 1) / bs;  // blocks [first, last)
+    const int64_t base = first * bs;
+    const int64_t w = std::min<int64_t>(bs, 16);  // keys per score vector
+    const __mmask16 wmask = static_cast<__mmask16>((1u << w) - 1);
+    const int64_t lines = (bs * D * static_cast<int64_t>(sizeof(TC)) + 63) / 64;  // one head's K (or V) of a block
+    const int64_t ahead = std::max<int64_t>(1, 64 / bs);  // blocks prefetched ahead: ~64 keys
+    const auto prefetch_k = [&](int64_t b) {
+      const char* p = reinterpret_cast<const char*>(kp + table[b] * block_elems);
+      for (int64_t l = 0; l < lines; ++l) prefetch(p + 64 * l);
     };
-    constexpr int64_t kAhead = 48;  // tokens: ~ a memory latency of work ahead
-    prefetch_rows(kp, start, std::min(len, start + kAhead));
-    prefetch_rows(vp, start, std::min(len, start + kAhead));
-    for (int64_t t0 = 0; t0 < n; t0 += 16) {
-      const int64_t cnt = std::min<int64_t>(16, n - t0);
-      if (t0 + kAhead < n) prefetch_rows(kp, start + t0 + kAhead, std::min(len, start + t0 + kAhead + 16));
-      for (int64_t u = 0; u < cnt; ++u) {
-        const int64_t t = start + t0 + u;
-        const TC* k = kp + (table[t >> bs_shift] * row + (t & (bs - 1))) * D;
-        for (int i = 0; i < D16; ++i) _mm512_storeu_ps(kf + u * D + 16 * i, load16(k + 16 * i));
+    for (int64_t b = first; b < std::min(last, first + ahead); ++b) prefetch_k(b);
+    for (int64_t b = first; b < last; ++b) {
+      if (b + ahead < last) prefetch_k(b + ahead);
+      {  // this block's values, into L2 for the weighted sum below
+        const char* p = reinterpret_cast<const char*>(vp + table[b] * block_elems);
+        for (int64_t l = 0; l < lines; ++l) prefetch_l2(p + 64 * l);
       }
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = q + g * D;
-        __m512 part[16];
-        for (int64_t u = 0; u < 16; ++u) {
-          if (u >= cnt) { part[u] = _mm512_setzero_ps(); continue; }
-          __m512 sv = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(kf + u * D));
-          for (int i = 1; i < D16; ++i) sv = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * i), _mm512_loadu_ps(kf + u * D + 16 * i), sv);
-          part[u] = sv;
+      const TC* kt = kp + table[b] * block_elems;
+      for (int64_t sub = 0; sub < bs; sub += w) {
+        const int64_t t0 = b * bs + sub;
+        const int64_t lo = std::clamp<int64_t>(start - t0, 0, w), hi = std::clamp<int64_t>(len - t0, 0, w);
+        const __mmask16 live = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+        if (!live) {  // keys of a wide block past the context's end
+          for (int64_t g = 0; g < G; ++g) _mm512_mask_storeu_ps(scores + g * ld + t0 - base, wmask, _mm512_set1_ps(-INFINITY));
+          continue;
         }
-        _mm512_storeu_ps(scores + g * ld + t0, hsum16(part));
+        for (int64_t g0 = 0; g0 < G; g0 += 4) {
+          __m512 s[4];
+          const int64_t gc = std::min<int64_t>(4, G - g0);
+          switch (gc) {
+            case 4: key_scores<TC, 4>(q + g0 * D, D, kt + sub, bs, wmask, s); break;
+            case 3: key_scores<TC, 3>(q + g0 * D, D, kt + sub, bs, wmask, s); break;
+            case 2: key_scores<TC, 2>(q + g0 * D, D, kt + sub, bs, wmask, s); break;
+            default: key_scores<TC, 1>(q + g0 * D, D, kt + sub, bs, wmask, s); break;
+          }
+          for (int64_t g = 0; g < gc; ++g)
+            _mm512_mask_storeu_ps(scores + (g0 + g) * ld + t0 - base, wmask, _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, s[g]));
+        }
       }
     }
-    std::vector<float> inv(G);
-    for (int64_t g = 0; g < G; ++g) {  // softmax numerators in place, and 1 / their sum
+    const int64_t n = last * bs - base;  // scored positions, -inf outside [start, len)
+    for (int64_t g = 0; g < G; ++g) {  // softmax numerators in place (masked keys exactly 0), 1 / their sum
       float* sg = scores + g * ld;
       __m512 mv = _mm512_set1_ps(-INFINITY);
-      int64_t i = 0;
-      for (; i + 16 <= n; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sg + i));
-      if (i < n) mv = _mm512_mask_max_ps(mv, static_cast<__mmask16>((1u << (n - i)) - 1), mv, _mm512_loadu_ps(sg + i));
-      const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-      __m512 sum = _mm512_setzero_ps();
-      for (i = 0; i + 16 <= n; i += 16) {
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + i), m));
-        _mm512_storeu_ps(sg + i, e);
-        sum = _mm512_add_ps(sum, e);
+      for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = static_cast<__mmask16>(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+        mv = _mm512_mask_max_ps(mv, m, mv, _mm512_maskz_loadu_ps(m, sg + i));
       }
-      if (i < n) {
-        const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sg + i), m));
-        _mm512_mask_storeu_ps(sg + i, mask, e);
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+      const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = static_cast<__mmask16>(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(m, sg + i);
+        const __mmask16 keep = _mm512_mask_cmp_ps_mask(m, v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        const __m512 e = _mm512_maskz_mov_ps(keep, exp16(_mm512_sub_ps(v, mx)));
+        _mm512_mask_storeu_ps(sg + i, m, e);
+        sum = _mm512_add_ps(sum, e);
       }
       inv[g] = 1.f / _mm512_reduce_add_ps(sum);
     }
@@ -190,14 +208,13 @@ void group_attention(const float* q, int64_t G, const TC* kp, const TC* vp, cons
       for (int h = 0; h < HC; ++h)
         for (int j = 0; j < D16; ++j) a[h][j] = _mm512_setzero_ps();
       for (int64_t t = start, blk = start / bs, off = start % bs; t < len; ++t) {
-        const TC* v = vp + (table[blk] * row + off) * D;
+        const TC* v = vp + table[blk] * block_elems + off * D;
         if (++off == bs) { off = 0; ++blk; }
-        if (t + kAhead < len) prefetch_rows(vp, t + kAhead, t + kAhead + 1);
         __m512 vr[D16];
         for (int j = 0; j < D16; ++j) vr[j] = load16(v + 16 * j);
         for (int h = 0; h < HC; ++h) {
           if (h >= hc) break;
-          const __m512 p = _mm512_set1_ps(scores[(g0 + h) * ld + t - start]);
+          const __m512 p = _mm512_set1_ps(scores[(g0 + h) * ld + t - base]);
           for (int j = 0; j < D16; ++j) a[h][j] = _mm512_fmadd_ps(p, vr[j], a[h][j]);
         }
       }
@@ -209,28 +226,25 @@ void group_attention(const float* q, int64_t G, const TC* kp, const TC* vp, cons
     return;
   }
 #endif
-  (void)kf;
-  (void)bs_shift;
+  const int64_t base = start / bs * bs;
   for (int64_t g = 0; g < G; ++g) {
     const float* qg = q + g * D;
     float* sg = scores + g * ld;
     float m = -INFINITY;
-    for (int64_t t = start, blk = start / bs, off = start % bs; t < len; ++t) {
-      const TC* k = kp + (table[blk] * row + off) * D;
-      if (++off == bs) { off = 0; ++blk; }
+    for (int64_t t = start; t < len; ++t) {
+      const TC* kt = kp + table[t / bs] * block_elems + t % bs;  // element d at kt[d * bs]
       float sc = 0.f;
-      for (int64_t d = 0; d < D; ++d) sc += qg[d] * to_float(k[d]);
-      sg[t - start] = sc;
+      for (int64_t d = 0; d < D; ++d) sc += qg[d] * to_float(kt[d * bs]);
+      sg[t - base] = sc;
       m = std::max(m, sc);
     }
     float sum = 0.f;
-    for (int64_t i = 0; i < n; ++i) { sg[i] = std::exp(sg[i] - m); sum += sg[i]; }
+    for (int64_t t = start; t < len; ++t) { sg[t - base] = std::exp(sg[t - base] - m); sum += sg[t - base]; }
     float* ag = acc + g * D;
     std::fill(ag, ag + D, 0.f);
-    for (int64_t t = start, blk = start / bs, off = start % bs; t < len; ++t) {
-      const TC* v = vp + (table[blk] * row + off) * D;
-      if (++off == bs) { off = 0; ++blk; }
-      const float pr = sg[t - start];
+    for (int64_t t = start; t < len; ++t) {
+      const TC* v = vp + table[t / bs] * block_elems + (t % bs) * D;
+      const float pr = sg[t - base];
       for (int64_t d = 0; d < D; ++d) ag[d] += pr * to_float(v[d]);
     }
     const float inv = 1.f / sum;
@@ -247,13 +261,14 @@ void for_each_dynamic(int64_t n, std::atomic<int64_t>& next, const F& body) {
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(claim); });
 }
 
-// q, out: [B, H, D] of TQ; caches: [num_blocks, Hkv, bs, D] of TC. One task per (sequence, KV head).
+// q, out: [B, H, D] of TQ; k_cache: [num_blocks, Hkv, D, bs], v_cache: [num_blocks, Hkv, bs, D] of TC.
+// One task per (sequence, KV head).
 template <typename TQ, typename TC>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& ctx_lens, at::Tensor& out, double scale,
                    int64_t window) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2);
+  const int64_t Hkv = v_cache.size(1), bs = v_cache.size(2);
   const int64_t G = H / Hkv;
   const int64_t max_blocks = block_tables.size(1);
   const TQ* qp = q.data_ptr<TQ>();
@@ -262,17 +277,17 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* lens = ctx_lens.data_ptr<int64_t>();
   TQ* op = out.data_ptr<TQ>();
-  const int64_t row = Hkv * bs;  // rows of D elements per block: a block is [Hkv][bs][D]
+  const int64_t row = Hkv * bs;  // a block is Hkv * bs * D elements, each head's part contiguous
   int64_t longest = 1;
   for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lens[b]);
-  const int64_t ld = (longest + 31) / 16 * 16;
+  const int64_t ld = (longest + 2 * bs + 15) / 16 * 16;  // scored positions: whole blocks around the window
   // Tasks (sequence, KV head) go to threads as they become free: sequences of a batch differ in
   // length, and on a shared machine one core is often slower, so a split made in advance leaves
   // one thread waiting for the other.
   const int64_t tasks = B * Hkv;
   std::atomic<int64_t> next{0};
   for_each_dynamic(tasks, next, [&](auto claim) {
-    std::vector<float> qf(G * D), acc(G * D), scores(G * ld), kf(16 * D);
+    std::vector<float> qf(G * D), acc(G * D), scores(G * ld), inv(G);
     for (int64_t task = claim(); task < tasks; task = claim()) {
       const int64_t b = task / Hkv, kvh = task % Hkv;
       const int64_t len = lens[b];
@@ -282,11 +297,11 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       const TQ* qh = qp + (b * H + kvh * G) * D;
       for (int64_t i = 0; i < G * D; ++i) qf[i] = to_float(qh[i]) * static_cast<float>(scale);
       const int64_t* table = bt + b * max_blocks;
-      const TC* kh = kp + kvh * bs * D;  // the head's [bs][D] rows within each block
-      const TC* vh = vp + kvh * bs * D;
-      if (D == 64) group_attention<TC, 4>(qf.data(), G, kh, vh, table, bs, row, start, len, D, scores.data(), ld, kf.data(), acc.data());
-      else if (D == 128) group_attention<TC, 8>(qf.data(), G, kh, vh, table, bs, row, start, len, D, scores.data(), ld, kf.data(), acc.data());
-      else group_attention<TC, 0>(qf.data(), G, kh, vh, table, bs, row, start, len, D, scores.data(), ld, kf.data(), acc.data());
+      const TC* kh = kp + kvh * D * bs;  // the head's [D][bs] keys within each block
+      const TC* vh = vp + kvh * bs * D;  // and its [bs][D] values
+      if (D == 64) group_attention<TC, 4>(qf.data(), G, kh, vh, table, bs, row, start, len, D, scores.data(), ld, inv.data(), acc.data());
+      else if (D == 128) group_attention<TC, 8>(qf.data(), G, kh, vh, table, bs, row, start, len, D, scores.data(), ld, inv.data(), acc.data());
+      else group_attention<TC, 0>(qf.data(), G, kh, vh, table, bs, row, start, len, D, scores.data(), ld, inv.data(), acc.data());
       for (int64_t i = 0; i < G * D; ++i) o[i] = static_cast<TQ>(acc[i]);
     }
   });
@@ -317,12 +332,20 @@ void prefill_tile(const TQ* q, int64_t q_ld, int64_t G, int64_t kvh, const TC* k
   const int64_t khi = first_pos + nq;  // keys [klo, khi): every key some token of the tile may see
   const int64_t klo = window > 0 ? std::max<int64_t>(0, first_pos - window + 1) : 0;
   const int64_t nk = khi - klo;
-  for (int64_t j = 0, t = klo; j < nk; ++j, ++t) {
-    const int64_t at = (table[t / bs] * row + t % bs) * D;
-    for (int i = 0; i < D16; ++i) {
-      _mm512_storeu_ps(kf + j * D + 16 * i, load16(kh + at + 16 * i));
-      _mm512_storeu_ps(vf + j * D + 16 * i, load16(vh + at + 16 * i));
+  const int64_t ldk = (nk + 15) / 16 * 16;  // kf: [D][ldk], keys transposed as in the cache
+  for (int64_t t = klo; t < khi;) {  // each block's run of keys [t, t + run)
+    const int64_t off = t % bs, run = std::min(bs - off, khi - t);
+    const TC* kb = kh + table[t / bs] * row * D;  // [D][bs]
+    const TC* vb = vh + table[t / bs] * row * D;  // [bs][D]
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t u = 0; u < run; u += 16) {
+        const __mmask16 m = static_cast<__mmask16>(run - u >= 16 ? 0xFFFF : (1u << (run - u)) - 1);
+        _mm512_mask_storeu_ps(kf + d * ldk + t - klo + u, m, load16_masked(kb + d * bs + off + u, m));
+      }
     }
+    for (int64_t u = 0; u < run; ++u)
+      for (int i = 0; i < D16; ++i) _mm512_storeu_ps(vf + (t - klo + u) * D + 16 * i, load16(vb + (off + u) * D + 16 * i));
+    t += run;
   }
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __mmask16 padding = static_cast<__mmask16>(~((1u << nq) - 1) & 0xFFFF);  // lanes past the tile: see every key
@@ -348,16 +371,16 @@ void prefill_tile(const TQ* q, int64_t q_ld, int64_t G, int64_t kvh, const TC* k
     for (; j + 8 <= nk; j += 8) {
       __m512 acc[8];
       for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_ps();
-      const float* k0 = kf + j * D;
       for (int64_t d = 0; d < D; ++d) {
         const __m512 qd = _mm512_loadu_ps(qt + d * kQTile);
-        for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_ps(qd, _mm512_set1_ps(k0[r * D + d]), acc[r]);
+        const float* kd = kf + d * ldk + j;
+        for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_ps(qd, _mm512_set1_ps(kd[r]), acc[r]);
       }
       for (int r = 0; r < 8; ++r) finish_row(j + r, acc[r]);
     }
     for (; j < nk; ++j) {
       __m512 acc = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; ++d) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qt + d * kQTile), _mm512_set1_ps(kf[j * D + d]), acc);
+      for (int64_t d = 0; d < D; ++d) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qt + d * kQTile), _mm512_set1_ps(kf[d * ldk + j]), acc);
       finish_row(j, acc);
     }
     // softmax numerators in place (masked keys exactly 0), and their sums
@@ -414,9 +437,9 @@ void prefill_tile_scalar(const TQ* q, int64_t q_ld, int64_t G, int64_t kvh, cons
       const TQ* qi = q + i * q_ld + head * D;
       float m = -INFINITY;
       for (int64_t t = lo; t <= pos; ++t) {
-        const TC* k = kh + (table[t / bs] * row + t % bs) * D;
+        const TC* k = kh + table[t / bs] * row * D + t % bs;  // element d at k[d * bs]
         float sc = 0.f;
-        for (int64_t d = 0; d < D; ++d) sc += to_float(qi[d]) * scale * to_float(k[d]);
+        for (int64_t d = 0; d < D; ++d) sc += to_float(qi[d]) * scale * to_float(k[d * bs]);
         s[t - lo] = sc;
         m = std::max(m, sc);
       }
@@ -438,7 +461,7 @@ template <typename TQ, typename TC>
 void prefill_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& tables,
                     const at::Tensor& chunks, at::Tensor& out, double scale, int64_t window) {
   const int64_t H = q.size(1), D = q.size(2), q_ld = q.stride(0);
-  const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2), G = H / Hkv, row = Hkv * bs;
+  const int64_t Hkv = v_cache.size(1), bs = v_cache.size(2), G = H / Hkv, row = Hkv * bs;
   const int64_t C = chunks.size(0), max_blocks = tables.size(1);
   const int64_t* ch = chunks.data_ptr<int64_t>();
   const int64_t* bt = tables.data_ptr<int64_t>();
@@ -462,7 +485,7 @@ void prefill_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
   const int64_t n = static_cast<int64_t>(tasks.size());
   std::atomic<int64_t> next{0};
   for_each_dynamic(n, next, [&](auto claim) {
-    std::vector<float> kf(widest * D), vf(widest * D), s(widest * kQTile), qt(D * kQTile);
+    std::vector<float> kf((widest + 15) / 16 * 16 * D), vf(widest * D), s(widest * kQTile), qt(D * kQTile);
     for (int64_t k = claim(); k < n; k = claim()) {
       const PrefillTask& task = tasks[k];
       const int64_t start = ch[task.chunk * 3], len = ch[task.chunk * 3 + 1];
@@ -471,8 +494,8 @@ void prefill_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
       const TQ* qt0 = qp + (start + task.i0) * q_ld;
       TQ* o = op + (start + task.i0) * H * D;
       const int64_t* table = bt + task.chunk * max_blocks;
-      const TC* kh = kp + task.kvh * bs * D;
-      const TC* vh = vp + task.kvh * bs * D;
+      const TC* kh = kp + task.kvh * D * bs;  // [D][bs] keys of the head in each block
+      const TC* vh = vp + task.kvh * bs * D;  // [bs][D] values
       const float sc = static_cast<float>(scale);
 #if LEVANTE_AVX512
       if (D == 64) { prefill_tile<TQ, TC, 4>(qt0, q_ld, G, task.kvh, kh, vh, table, bs, row, first_pos, nq, window, sc, o, H * D, kf.data(), vf.data(), s.data(), qt.data()); continue; }
@@ -830,13 +853,23 @@ int64_t argmax_row(const float* x, int64_t n) {
 
 // ================================================================ entry points
 
+// The pool of one layer: keys [num_blocks, Hkv, D, bs] (transposed in each block), values
+// [num_blocks, Hkv, bs, D], same dtype, contiguous, bs a power of two.
+static void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, const char* name) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, name, ": caches must be 4-d");
+  TORCH_CHECK(k_cache.size(0) == v_cache.size(0) && k_cache.size(1) == v_cache.size(1) && k_cache.size(2) == v_cache.size(3) &&
+                  k_cache.size(3) == v_cache.size(2),
+              name, ": keys must be [blocks, heads, head_dim, block_size] and values [blocks, heads, block_size, head_dim]");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), name, ": k and v caches have different dtypes");
+  const int64_t bs = v_cache.size(2);
+  TORCH_CHECK(bs > 0 && (bs & (bs - 1)) == 0, name, ": block size must be a power of two");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), name, ": caches must be contiguous");
+}
+
 at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
                         at::Tensor ctx_lens, double scale, int64_t window) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
-  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0 && q.size(2) == k_cache.size(3), "head mismatch");
-  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k and v caches have different dtypes");
-  TORCH_CHECK(k_cache.size(2) > 0 && (k_cache.size(2) & (k_cache.size(2) - 1)) == 0, "block size must be a power of two");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "cache must be contiguous");
+  check_caches(k_cache, v_cache, "paged_decode");
+  TORCH_CHECK(q.dim() == 3 && q.size(1) % v_cache.size(1) == 0 && q.size(2) == v_cache.size(3), "paged_decode: q must be [B, H, head_dim], H a multiple of the KV heads");
   q = q.contiguous();
   block_tables = block_tables.to(at::kLong).contiguous();
   ctx_lens = ctx_lens.to(at::kLong).contiguous();
@@ -856,16 +889,14 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at
 // including them); tables: [C, max_blocks] int64. The chunks' K/V must be in the cache already.
 void paged_prefill(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tables, at::Tensor chunks,
                    at::Tensor out, double scale, int64_t window) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "paged_prefill: bad shapes");
-  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0 && q.size(2) == k_cache.size(3), "paged_prefill: head mismatch");
-  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "paged_prefill: k and v caches have different dtypes");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_prefill: caches must be contiguous");
+  check_caches(k_cache, v_cache, "paged_prefill");
+  TORCH_CHECK(q.dim() == 3 && q.size(1) % v_cache.size(1) == 0 && q.size(2) == v_cache.size(3), "paged_prefill: q must be [T, H, head_dim], H a multiple of the KV heads");
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_prefill: each token's heads must be contiguous");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "paged_prefill: out must be like q, contiguous");
   chunks = chunks.to(at::kLong).contiguous();
   tables = tables.to(at::kLong).contiguous();
   TORCH_CHECK(chunks.dim() == 2 && chunks.size(1) == 3 && tables.dim() == 2 && tables.size(0) == chunks.size(0), "paged_prefill: one [start, len, ctx] row and block table per chunk");
-  const int64_t T = q.size(0), bs = k_cache.size(2), nb = k_cache.size(0);
+  const int64_t T = q.size(0), bs = v_cache.size(2), nb = v_cache.size(0);
   const int64_t* ch = chunks.data_ptr<int64_t>();
   const int64_t* bt = tables.data_ptr<int64_t>();
   for (int64_t c = 0; c < chunks.size(0); ++c) {
@@ -927,23 +958,22 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
 }
 
 // qkv: [T, (H + 2 Hkv) hd], rows contiguous: q and k heads rotated in place, then k and v of token t
-// copied to cache slot slots[t] (caches: [num_blocks, Hkv, block_size, hd]: slot s is row s % block_size
-// of each head in block s / block_size). table: [P, 2 hd] float32.
+// copied to cache slot slots[t]: slot s is offset s % block_size of each head in block s / block_size, a
+// column of the keys' [hd][block_size] and a row of the values' [block_size][hd]. table: [P, 2 hd] float32.
 void rope_store(at::Tensor qkv, at::Tensor table, at::Tensor positions, at::Tensor slots, at::Tensor k_cache,
                 at::Tensor v_cache, int64_t num_heads, int64_t num_kv_heads) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "rope_store: qkv must be [T, width] with contiguous rows");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "rope_store: caches must be contiguous");
+  check_caches(k_cache, v_cache, "rope_store");
   TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous(), "rope_store: float32 table");
-  const int64_t T_ = qkv.size(0), hd = k_cache.size(3);
-  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() && v_cache.sizes() == k_cache.sizes(), "rope_store: caches differ");
+  const int64_t T_ = qkv.size(0), hd = v_cache.size(3);
   TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * hd && table.size(1) == 2 * hd, "rope_store: widths");
-  TORCH_CHECK(k_cache.size(1) == num_kv_heads, "rope_store: kv heads");
+  TORCH_CHECK(v_cache.size(1) == num_kv_heads, "rope_store: kv heads");
   positions = positions.to(at::kLong).contiguous();
   slots = slots.to(at::kLong).contiguous();
   TORCH_CHECK(positions.numel() == T_ && slots.numel() == T_, "rope_store: one position and slot per token");
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t bs = k_cache.size(2), n_slots = k_cache.size(0) * bs, n_pos = table.size(0);
+  const int64_t bs = v_cache.size(2), n_slots = v_cache.size(0) * bs, n_pos = table.size(0);
   for (int64_t t = 0; t < T_; ++t) {
     TORCH_CHECK(0 <= pos[t] && pos[t] < n_pos && 0 <= slot[t] && slot[t] < n_slots, "rope_store: position or slot out of range");
   }
@@ -960,9 +990,10 @@ void rope_store(at::Tensor qkv, at::Tensor table, at::Tensor positions, at::Tens
           rope_token(row, num_heads + num_kv_heads, hd, tab + pos[t] * 2 * hd);
           const int64_t block = slot[t] / bs, off = slot[t] % bs;
           for (int64_t h = 0; h < num_kv_heads; ++h) {
-            const int64_t at = ((block * num_kv_heads + h) * bs + off) * hd;
-            convert_row(kc + at, row + (num_heads + h) * hd, hd);
-            convert_row(vc + at, row + (num_heads + num_kv_heads + h) * hd, hd);
+            const int64_t head = (block * num_kv_heads + h) * bs * hd;
+            const T* k = row + (num_heads + h) * hd;
+            for (int64_t d = 0; d < hd; ++d) kc[head + d * bs + off] = static_cast<TC>(to_float(k[d]));
+            convert_row(vc + head + off * hd, row + (num_heads + num_kv_heads + h) * hd, hd);
           }
         }
       });
@@ -1018,7 +1049,7 @@ at::Tensor decode_layers(at::Tensor x, const std::vector<std::vector<at::Tensor>
   const int64_t B = x.size(0), D = x.size(1);
   for (const auto& w : layers) {
     TORCH_CHECK(w.size() == 12, "decode_layers: 12 tensors per layer");
-    const int64_t hd = w[2].size(3);
+    const int64_t hd = w[3].size(3);
     at::Tensor h = rms_norm(x, w[0], eps);
     at::Tensor qkv = project(h, w[4], w[5], (num_heads + 2 * num_kv_heads) * hd, c10::nullopt);
     rope_store(qkv, table, positions, slots, w[2], w[3], num_heads, num_kv_heads);

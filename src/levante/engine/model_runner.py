@@ -106,7 +106,7 @@ class ModelRunner:
         shape = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)  # layers/attention.py
         self.kv_cache = _zeroed_pool((2, cfg.num_layers, *shape), dtype, device)
         for i, attn in enumerate(model.attention_layers()):
-            attn.k_cache = self.kv_cache[0, i]
+            attn.k_cache = self.kv_cache[0, i].view(num_blocks, cfg.num_kv_heads, cfg.head_dim, block_size)  # transposed blocks
             attn.v_cache = self.kv_cache[1, i]
         # "torch": every op portable (the reference the kernels are tested against)
         kernels = load_cpu_kernels() if device.type == "cpu" and attention_backend != "torch" else None

@@ -1,7 +1,9 @@
 """Attention over a paged KV cache.
 
-The cache of one layer is two tensors `[num_blocks, num_kv_heads, block_size, head_dim]`
-(within a block, each KV head's rows are contiguous: decode attention streams them).
+The cache of one layer is two tensors: values `[num_blocks, num_kv_heads, block_size, head_dim]`
+and keys `[num_blocks, num_kv_heads, head_dim, block_size]`, i.e. transposed within each block
+(a block's keys for one dimension are contiguous: decode attention computes 16 keys' scores
+per vector instruction, and each head's block is one contiguous run that it streams).
 A sequence owns a list of block ids (its block table); token `i` of the sequence lives
 in block `block_table[i // block_size]` at offset `i % block_size`, i.e. at flat slot
 `block_table[i // block_size] * block_size + i % block_size`.
@@ -76,11 +78,11 @@ class PagedAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, stored: bool = False
     ) -> torch.Tensor:
         # q: [T, H, hd]; k, v: [T, Hkv, hd] -> out: [T, H * hd]. `stored`: k and v are in the cache already.
-        block_size = self.k_cache.shape[2]
+        block_size = self.v_cache.shape[2]
         if not stored:
             blocks, offsets = meta.slot_mapping // block_size, meta.slot_mapping % block_size
-            self.k_cache[blocks, :, offsets] = k.to(self.k_cache.dtype)  # [T, Hkv, hd] into (block, :, offset)
-            self.v_cache[blocks, :, offsets] = v.to(self.v_cache.dtype)
+            self.k_cache[blocks, :, :, offsets] = k.to(self.k_cache.dtype)  # [T, Hkv, hd] into (block, :, :, offset)
+            self.v_cache[blocks, :, offsets] = v.to(self.v_cache.dtype)  # into (block, :, offset)
         if meta.num_decode == q.shape[0]:  # a decode-only step
             return self._decode(q, meta, block_size).reshape(q.shape[0], -1)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -96,12 +98,15 @@ class PagedAttention(nn.Module):
             out[s] = self._prefill(q[s], k[s], v[s], chunk, block_size)
         return out.view(q.shape[0], -1)
 
-    def _gather(self, cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    def _gather(self, cache: torch.Tensor, block_table: torch.Tensor, length: int, keys: bool = False) -> torch.Tensor:
         # block_table: [nb] or [B, nb] -> [nb*bs, Hkv, hd] or [B, nb*bs, Hkv, hd], cut to `length` tokens.
         # index_select on whole blocks is a row memcpy; advanced indexing (cache[table]) is ~40x slower on CPU.
-        blocks = cache.index_select(0, block_table.reshape(-1))  # [B*nb, Hkv, bs, hd]
+        blocks = cache.index_select(0, block_table.reshape(-1))  # [B*nb, Hkv, bs, hd] ([B*nb, Hkv, hd, bs] for keys)
+        if keys:
+            blocks = blocks.transpose(-2, -1)
         lead = block_table.shape[:-1]
-        tokens = blocks.view(*lead, -1, self.num_kv_heads, cache.shape[2], self.head_dim).transpose(-3, -2)
+        bs = self.v_cache.shape[2]
+        tokens = blocks.reshape(*lead, -1, self.num_kv_heads, bs, self.head_dim).transpose(-3, -2)
         return tokens.reshape(*lead, -1, self.num_kv_heads, self.head_dim)[..., :length, :, :]
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
@@ -111,7 +116,7 @@ class PagedAttention(nn.Module):
                 q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale, self.sliding_window
             )
         length = meta.decode_max_len
-        k = self._gather(self.k_cache, meta.decode_block_tables, length).transpose(1, 2).to(q.dtype)  # [B, Hkv, S, hd]
+        k = self._gather(self.k_cache, meta.decode_block_tables, length, keys=True).transpose(1, 2).to(q.dtype)  # [B, Hkv, S, hd]
         v = self._gather(self.v_cache, meta.decode_block_tables, length).transpose(1, 2).to(q.dtype)
         key_pos = torch.arange(length, device=q.device)  # [S]
         ctx = meta.decode_context_lens.unsqueeze(1)  # [B, 1]
@@ -134,7 +139,7 @@ class PagedAttention(nn.Module):
         # q: [L, H, hd]; k, v: [L, Hkv, hd] (this chunk's new tokens)
         cached = chunk.ctx_len - chunk.q_len
         if cached:
-            k = self._gather(self.k_cache, chunk.block_table, chunk.ctx_len).to(q.dtype)  # [C, Hkv, hd]
+            k = self._gather(self.k_cache, chunk.block_table, chunk.ctx_len, keys=True).to(q.dtype)  # [C, Hkv, hd]
             v = self._gather(self.v_cache, chunk.block_table, chunk.ctx_len).to(q.dtype)
         elif self.k_cache.dtype != q.dtype:  # attend to K/V as the cache holds them, as later steps will
             k, v = k.to(self.k_cache.dtype).to(q.dtype), v.to(self.v_cache.dtype).to(q.dtype)
