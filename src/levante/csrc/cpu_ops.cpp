@@ -266,8 +266,8 @@ void group_attention(const float* q, int64_t G, const TC* kp, const TC* vp, cons
 // has more such threads than CPUs (the model loaded in the main thread, steps run in the engine's
 // thread) it stops spinning at barriers and puts every waiting thread to sleep: each of the hundreds
 // of parallel regions of a step then waits for a futex wake-up, which made a step in the engine's
-// thread up to twice as slow as the same step in the main thread. These workers spin for a few ms
-// after each job (the next one of a step comes within microseconds), then sleep until woken.
+// thread up to twice as slow as the same step in the main thread. These workers spin for a short
+// while after each job (the next one of a step comes within microseconds), then sleep until woken.
 class WorkerPool {
  public:
   // Runs fn(tid) for tid in [0, n) on n threads (n <= size()); returns when all are done.
@@ -331,14 +331,11 @@ class WorkerPool {
   void loop(int id, uint64_t seen) {
     pthread_setname_np(pthread_self(), "levante-worker");
     for (;;) {
-      // Spin for the next job (yielding now and then, should another thread want this core), then
-      // sleep until one is posted. A few ms: the engine's Python between two steps (and between the
-      // ops of a prefill step) takes that long, and waking a sleeping thread costs far more in a VM.
-      const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(5);
+      // Spin ~0.2 ms for the next job, then sleep until one is posted.
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
       uint64_t now = seen;
       for (int i = 0; (now = generation_.load(std::memory_order_acquire)) == seen; ++i) {
         _mm_pause_or_yield();
-        if ((i & 1023) == 1023) std::this_thread::yield();
         if ((i & 255) == 255 && std::chrono::steady_clock::now() > until) {
           std::unique_lock<std::mutex> lock(sleep_mu_);
           sleepers_.fetch_add(1, std::memory_order_seq_cst);
