@@ -229,34 +229,3 @@ def test_prefill_kernel_refuses_bad_metadata(kernel: CpuKernels) -> None:
         kernel.paged_prefill(q, attn.k_cache, attn.v_cache, meta.prefill_tables, torch.tensor([[10, 20, 20]]), out, 0.125, None)
     with pytest.raises(RuntimeError, match="block id out of range"):
         kernel.paged_prefill(q, attn.k_cache, attn.v_cache, torch.full((1, 8), 500), meta.prefill_chunks, out, 0.125, None)
-
-
-def test_decode_kernel_reads_strided_queries(kernel: CpuKernels) -> None:
-    """q as the fused decode step passes it: the query columns of qkv rows, read in place."""
-    gen = torch.Generator().manual_seed(3)
-    attn = PagedAttention(9, 3, 64, None)
-    attn.k_cache = torch.randn(8, 3, 64, 16, generator=gen).half()
-    attn.v_cache = torch.randn(8, 3, 16, 64, generator=gen).half()
-    lens = torch.tensor([5, 40])
-    tables = torch.tensor([[3, 1, 6], [0, 2, 7]])
-    meta = AttentionMetadata(
-        slot_mapping=torch.empty(0, dtype=torch.long), num_decode=2, decode_block_tables=tables,
-        decode_context_lens=lens, decode_max_len=40,
-    )
-    qkv = torch.randn(2, 15 * 64, generator=gen)
-    view = qkv[:, : 9 * 64].view(2, 9, 64)
-    expected = attn._decode(view.contiguous(), meta, 16)
-    attn.kernels = kernel
-    assert torch.allclose(attn._decode(view, meta, 16), expected, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gather_rows_is_the_embedding_lookup(kernel: CpuKernels, dtype: torch.dtype) -> None:
-    weight = torch.randn(100, 24).to(dtype)
-    ids = torch.tensor([5, 0, 99, 5, 42])
-    assert torch.equal(kernel.gather_rows(weight, ids), F.embedding(ids, weight))
-    assert kernel.gather_rows(weight, torch.empty(0, dtype=torch.long)).shape == (0, 24)
-    with pytest.raises(RuntimeError, match="outside the table"):
-        kernel.gather_rows(weight, torch.tensor([3, 100]))
-    with pytest.raises(RuntimeError, match="outside the table"):
-        kernel.gather_rows(weight, torch.tensor([-1]))

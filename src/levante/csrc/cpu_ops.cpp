@@ -12,16 +12,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <pthread.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
-#include <functional>
-#include <mutex>
-#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -260,145 +252,22 @@ void group_attention(const float* q, int64_t G, const TC* kp, const TC* vp, cons
   }
 }
 
-// ================================================================ threads
-// The kernels' own fork-join pool (the calling thread is worker 0). Why not at::parallel_for: libgomp
-// keeps one team of threads per host thread that ever ran a parallel region, and once the process
-// has more such threads than CPUs (the model loaded in the main thread, steps run in the engine's
-// thread) it stops spinning at barriers and puts every waiting thread to sleep: each of the hundreds
-// of parallel regions of a step then waits for a futex wake-up, which made a step in the engine's
-// thread up to twice as slow as the same step in the main thread. These workers spin for a short
-// while after each job (the next one of a step comes within microseconds), then sleep until woken.
-class WorkerPool {
- public:
-  // Runs fn(tid) for tid in [0, n) on n threads (n <= size()); returns when all are done.
-  template <typename F>
-  void run(int n, const F& fn) {
-    if (n <= 1 || in_job_) {  // nested use runs inline
-      for (int t = 0; t < std::max(n, 1); ++t) fn(t);
-      return;
-    }
-    std::lock_guard<std::mutex> guard(submit_);  // one job at a time (several engines in one process)
-    grow(n - 1);
-    const std::function<void(int)> job = [&fn](int t) { fn(t); };
-    job_ = &job;
-    active_ = n;
-    pending_.store(n - 1, std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_seq_cst);
-    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
-      std::lock_guard<std::mutex> lock(sleep_mu_);
-      sleep_cv_.notify_all();
-    }
-    in_job_ = true;
-    fn(0);
-    in_job_ = false;
-    while (pending_.load(std::memory_order_acquire) != 0) _mm_pause_or_yield();
-    job_ = nullptr;
-  }
-
-  static WorkerPool& get() {
-    // Rebuilt in a forked child (which has none of the parent's threads). Never destroyed: workers
-    // may still be spinning when the interpreter exits.
-    static WorkerPool* pool = nullptr;
-    static pid_t owner = 0;
-    static std::mutex mu;
-    std::lock_guard<std::mutex> lock(mu);
-    if (pool == nullptr || owner != getpid()) {
-      pool = new WorkerPool();
-      owner = getpid();
-    }
-    return *pool;
-  }
-
- private:
-  static inline void _mm_pause_or_yield() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#else
-    std::this_thread::yield();
-#endif
-  }
-
-  void grow(int workers) {
-    while (static_cast<int>(threads_.size()) < workers) {
-      const int id = static_cast<int>(threads_.size()) + 1;
-      // The generation it has seen is read here, before the job that needs it is posted.
-      const uint64_t seen = generation_.load(std::memory_order_acquire);
-      threads_.emplace_back([this, id, seen] { loop(id, seen); });
-      threads_.back().detach();
-    }
-  }
-
-  void loop(int id, uint64_t seen) {
-    pthread_setname_np(pthread_self(), "levante-worker");
-    for (;;) {
-      // Spin ~0.2 ms for the next job, then sleep until one is posted.
-      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
-      uint64_t now = seen;
-      for (int i = 0; (now = generation_.load(std::memory_order_acquire)) == seen; ++i) {
-        _mm_pause_or_yield();
-        if ((i & 255) == 255 && std::chrono::steady_clock::now() > until) {
-          std::unique_lock<std::mutex> lock(sleep_mu_);
-          sleepers_.fetch_add(1, std::memory_order_seq_cst);
-          sleep_cv_.wait(lock, [&] { return generation_.load(std::memory_order_seq_cst) != seen; });
-          sleepers_.fetch_sub(1, std::memory_order_relaxed);
-        }
-      }
-      seen = now;
-      if (id < active_) {
-        in_job_ = true;
-        (*job_)(id);
-        in_job_ = false;
-        pending_.fetch_sub(1, std::memory_order_release);
-      }
-    }
-  }
-
-  std::mutex submit_;
-  std::vector<std::thread> threads_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  std::atomic<int> sleepers_{0};
-  std::mutex sleep_mu_;
-  std::condition_variable sleep_cv_;
-  const std::function<void(int)>* job_ = nullptr;
-  int active_ = 0;
-  static thread_local bool in_job_;
-};
-thread_local bool WorkerPool::in_job_ = false;
-
-// Threads to use for `work` items: torch's intra-op setting (torch.set_num_threads), at most one per item.
-inline int threads_for(int64_t work) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work)));
-}
-
-// body(begin, end) over [0, n) in contiguous chunks of at least `grain`, one per thread.
-template <typename F>
-void parallel_range(int64_t n, int64_t grain, const F& body) {
-  if (n <= 0) return;
-  const int threads = threads_for((n + grain - 1) / std::max<int64_t>(grain, 1));
-  const int64_t chunk = (n + threads - 1) / threads;
-  WorkerPool::get().run(threads, [&](int t) {
-    const int64_t begin = t * chunk, end = std::min(n, begin + chunk);
-    if (begin < end) body(begin, end);
-  });
-}
-
 // Runs body(claim) on every thread; claim() hands out 0, 1, 2, ... (then >= n) across them. Work taken
 // as threads become free, not split in advance: on a shared machine one core is often slower.
 template <typename F>
 void for_each_dynamic(int64_t n, std::atomic<int64_t>& next, const F& body) {
   const auto claim = [&next]() { return next.fetch_add(1, std::memory_order_relaxed); };
-  WorkerPool::get().run(threads_for(n), [&](int) { body(claim); });
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(claim); });
 }
 
-// q: [B, H, D] of TQ (token rows may be strided), out: [B, H, D] contiguous; k_cache: [num_blocks, Hkv, D, bs],
-// v_cache: [num_blocks, Hkv, bs, D] of TC.
+// q, out: [B, H, D] of TQ; k_cache: [num_blocks, Hkv, D, bs], v_cache: [num_blocks, Hkv, bs, D] of TC.
 // One task per (sequence, KV head).
 template <typename TQ, typename TC>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& ctx_lens, at::Tensor& out, double scale,
                    int64_t window) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), q_ld = q.stride(0);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t Hkv = v_cache.size(1), bs = v_cache.size(2);
   const int64_t G = H / Hkv;
   const int64_t max_blocks = block_tables.size(1);
@@ -425,7 +294,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       TQ* o = op + (b * H + kvh * G) * D;
       if (len - start <= 0) { std::fill(o, o + G * D, TQ(0)); continue; }
-      const TQ* qh = qp + b * q_ld + kvh * G * D;
+      const TQ* qh = qp + (b * H + kvh * G) * D;
       for (int64_t i = 0; i < G * D; ++i) qf[i] = to_float(qh[i]) * static_cast<float>(scale);
       const int64_t* table = bt + b * max_blocks;
       const TC* kh = kp + kvh * D * bs;  // the head's [D][bs] keys within each block
@@ -677,7 +546,7 @@ inline void quantize_block(const T* src, int8_t* q, float& dx, int32_t& sum) {
 template <typename T>
 void quantize_rows(const T* x, int64_t M, int64_t K, int64_t ldx, int8_t* qx, float* dx, float* sx) {
   const int64_t KB = K / kBlock;
-  parallel_range(M, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t b = 0; b < KB; ++b) {
         int32_t sum;
@@ -1001,11 +870,11 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at
                         at::Tensor ctx_lens, double scale, int64_t window) {
   check_caches(k_cache, v_cache, "paged_decode");
   TORCH_CHECK(q.dim() == 3 && q.size(1) % v_cache.size(1) == 0 && q.size(2) == v_cache.size(3), "paged_decode: q must be [B, H, head_dim], H a multiple of the KV heads");
-  if (q.stride(2) != 1 || q.stride(1) != q.size(2)) q = q.contiguous();  // token rows may be strided (a view of qkv)
+  q = q.contiguous();
   block_tables = block_tables.to(at::kLong).contiguous();
   ctx_lens = ctx_lens.to(at::kLong).contiguous();
   TORCH_CHECK(block_tables.size(0) == q.size(0) && ctx_lens.numel() == q.size(0), "one block table and length per sequence");
-  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  auto out = at::empty_like(q);
   LEVANTE_DISPATCH_AS(q.scalar_type(), "paged_decode", TQ, [&] {
     LEVANTE_DISPATCH_AS(k_cache.scalar_type(), "paged_decode", TC, [&] {
       decode_kernel<TQ, TC>(q, k_cache, v_cache, block_tables, ctx_lens, out, scale, window);
@@ -1081,7 +950,7 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    parallel_range(T, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, T, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) rms_norm_row(xp + t * D, wp, op + t * D, D, static_cast<float>(eps));
     });
   });
@@ -1115,7 +984,7 @@ void rope_store(at::Tensor qkv, at::Tensor table, at::Tensor positions, at::Tens
       TC* kc = k_cache.data_ptr<TC>();
       TC* vc = v_cache.data_ptr<TC>();
       const float* tab = table.data_ptr<float>();
-      parallel_range(T_, 64, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, T_, 64, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
           T* row = base + t * ld;
           rope_token(row, num_heads + num_kv_heads, hd, tab + pos[t] * 2 * hd);
@@ -1141,30 +1010,9 @@ at::Tensor silu_mul(at::Tensor gate_up) {
   LEVANTE_DISPATCH(gate_up.scalar_type(), "silu_mul", [&] {
     const scalar_t* g = gate_up.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    parallel_range(T, std::max<int64_t>(1, 8192 / I), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, T, std::max<int64_t>(1, 8192 / I), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) silu_mul_row(g + t * 2 * I, g + t * 2 * I + I, o + t * I, I);
     });
-  });
-  return out;
-}
-
-// weight: [V, D] (rows contiguous), ids: [T] int64 -> weight[ids]: [T, D]: the token embedding lookup and
-// the hidden rows that are sampled, on the kernels' threads (so that a step starts no torch parallel
-// region, whose idle threads would then spin against these: see "threads").
-at::Tensor gather_rows(at::Tensor weight, at::Tensor ids) {
-  TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1, "gather_rows: weight must be [V, D] with contiguous rows");
-  ids = ids.to(at::kLong).contiguous();
-  TORCH_CHECK(ids.dim() == 1, "gather_rows: ids must be 1-d");
-  const int64_t T = ids.size(0), V = weight.size(0), D = weight.size(1), ld = weight.stride(0);
-  const int64_t* id = ids.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(0 <= id[t] && id[t] < V, "gather_rows: index ", id[t], " outside the table of ", V, " rows");
-  auto out = at::empty({T, D}, weight.options());
-  const int64_t row_bytes = D * static_cast<int64_t>(weight.element_size());
-  const char* w = static_cast<const char*>(weight.data_ptr());
-  char* o = static_cast<char*>(out.data_ptr());
-  const int64_t stride = ld * static_cast<int64_t>(weight.element_size());
-  parallel_range(T, std::max<int64_t>(1, 65536 / std::max<int64_t>(row_bytes, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) std::memcpy(o + t * row_bytes, w + id[t] * stride, row_bytes);
   });
   return out;
 }
@@ -1177,7 +1025,7 @@ at::Tensor argmax_rows(at::Tensor logits) {
   auto out = at::empty({B}, logits.options().dtype(at::kLong));
   const float* lp = logits.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
-  parallel_range(B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) op[b] = argmax_row(lp + b * V, V);
   });
   return out;
@@ -1233,7 +1081,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_store", &rope_store, "rotary embedding of q/k in place and K/V into the paged cache");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("argmax_rows", &argmax_rows, "index of each row's first maximum");
-  m.def("gather_rows", &gather_rows, "rows of a table by index");
   m.def("decode_layers", &decode_layers, "a decode step through every decoder layer", py::call_guard<py::gil_scoped_release>());
   m.def("has_vnni", &has_vnni, "whether the integer GEMM was built with AVX512-VNNI");
 }

@@ -111,7 +111,6 @@ class ModelRunner:
         # "torch": every op portable (the reference the kernels are tested against)
         kernels = load_cpu_kernels() if device.type == "cpu" and attention_backend != "torch" else None
         model.use_cpu_kernels(kernels)
-        self.kernels = kernels
         self.argmax = kernels.argmax_rows if kernels is not None else None
 
     @staticmethod
@@ -148,7 +147,7 @@ class ModelRunner:
         tokens: list[int | None] = [None] * len(seqs)
         logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
         if sampling:
-            logits = self.model.compute_logits(self._rows(hidden, sample_rows))  # [S, V]
+            logits = self.model.compute_logits(hidden[sample_rows])  # [S, V]
             out = self._sample(logits, [seqs[k] for k in sampling])
             for j, k in enumerate(sampling):
                 tokens[k] = out.token_ids[j]
@@ -160,13 +159,6 @@ class ModelRunner:
             nxt = torch.tensor(seq.token_ids[pos + 1 : pos + 1 + n], device=self.device)
             plp[seq.seq_id] = prompt_logprobs(logits, nxt, seq.params.prompt_logprobs or 0)
         return StepResult(seqs, tokens, logprobs, plp)
-
-    def _rows(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        if len(rows) == hidden.shape[0] and rows[-1] == len(rows) - 1:  # every row, in order (a decode-only step)
-            return hidden
-        if self.kernels is not None:
-            return self.kernels.gather_rows(hidden, torch.tensor(rows, dtype=torch.long))
-        return hidden[rows]
 
     @torch.inference_mode()
     def score(self, seq: Sequence, chunk: int) -> torch.Tensor:

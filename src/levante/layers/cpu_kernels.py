@@ -77,12 +77,6 @@ class CpuKernels:
         return out
 
 
-    def gather_rows(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """weight: [V, D], ids: [T] -> weight[ids] [T, D] (ids outside the table raise): the embedding lookup,
-        and the rows of a step that sample."""
-        out: torch.Tensor = self._m.gather_rows(weight, ids)
-        return out
-
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: [B, V] float32 -> [B] int64, the first maximum of each row (as torch.argmax)."""
         out: torch.Tensor = self._m.argmax_rows(logits)
@@ -115,9 +109,10 @@ def load_cpu_kernels() -> CpuKernels | None:
         module = load(
             name="levante_cpu_ops",
             sources=[str(SOURCE)],
-            # No OpenMP: the kernels run on their own worker threads (csrc/cpu_ops.cpp, "threads"),
-            # as many as torch.get_num_threads().
-            extra_cflags=["-O3", "-march=native"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            # OpenMP: at::parallel_for splits work only when built with it; the libgomp torch loaded
+            # already (same soname) is the one used, so there is a single thread pool.
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, ...: the portable paths still work

@@ -104,8 +104,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden: [T, D]
-        w = self.embed_tokens.weight
-        x = self.kernels.gather_rows(w, input_ids) if self.kernels is not None and w.device.type == "cpu" else self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids)
         if self.decode_plan is not None and self.kernels is not None and meta.num_decode == x.shape[0]:
             return self.norm(self._fused_decode(x, positions, meta))
         rope = self.rotary.step(positions, x.dtype, lookup=self.kernels is None)  # once per step, for every layer
