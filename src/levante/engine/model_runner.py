@@ -180,7 +180,7 @@ class ModelRunner:
         slots: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
+        chunks: list[tuple[int, int, int]] = []  # (q_start, q_len, ctx_len) of each prefill chunk
         prefill_tables: list[list[int]] = []
         for seq, n in zip(seqs, counts, strict=True):
             begin = seq.num_computed_tokens
@@ -189,25 +189,22 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lens.append(begin + 1)
             else:
-                blocks = table[: -(-(begin + n) // bs)]
-                prefill_tables.append(blocks)
-                prefills.append(PrefillChunk(len(ids), n, begin + n, torch.tensor(blocks, dtype=torch.long, device=self.device)))
+                chunks.append((len(ids), n, begin + n))
+                prefill_tables.append(table[: -(-(begin + n) // bs)])
             ids.extend(seq.token_ids[begin : begin + n])
             pos.extend(range(begin, begin + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(begin, begin + n))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_decode=len(decode_lens),
-            prefills=prefills,
         )
-        if prefills:
-            meta.prefill_chunks = torch.tensor(
-                [(c.q_start, c.q_len, c.ctx_len) for c in prefills], dtype=torch.long, device=self.device
-            )
+        if chunks:
+            # One padded table for the native kernel; each chunk's own table is a view of its row.
             width = max(len(t) for t in prefill_tables)
-            meta.prefill_tables = torch.tensor(
-                [t + [0] * (width - len(t)) for t in prefill_tables], dtype=torch.long, device=self.device
-            )
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in prefill_tables], dtype=torch.long, device=self.device)
+            meta.prefill_chunks = torch.tensor(chunks, dtype=torch.long, device=self.device)
+            meta.prefill_tables = tables
+            meta.prefills = [PrefillChunk(*c, tables[k, : len(t)]) for k, (c, t) in enumerate(zip(chunks, prefill_tables, strict=True))]
         if decode_lens:
             width = max(-(-length // bs) for length in decode_lens)
             padded = [t[:width] + [0] * (width - min(len(t), width)) for t in decode_tables]

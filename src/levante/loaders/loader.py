@@ -187,9 +187,7 @@ def _load_gguf(
         chat, err = _chat_format(tokenizer, template if isinstance(template, str) else None, cfg.model_type)
     finally:
         gguf.close()
-    loaded = LoadedModel(path.name, path, _finish(model, device), cfg, tokenizer, chat, err, dtype, device, quant)
-    loaded.projections_in_file = in_file
-    return loaded
+    return LoadedModel(path.name, path, _finish(model, device), cfg, tokenizer, chat, err, dtype, device, quant, in_file)
 
 
 def _chat_format(tokenizer: Tokenizer, template: str | None, model_type: str) -> tuple[ChatFormat | None, str | None]:
