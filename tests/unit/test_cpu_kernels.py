@@ -229,3 +229,27 @@ def test_prefill_kernel_refuses_bad_metadata(kernel: CpuKernels) -> None:
         kernel.paged_prefill(q, attn.k_cache, attn.v_cache, meta.prefill_tables, torch.tensor([[10, 20, 20]]), out, 0.125, None)
     with pytest.raises(RuntimeError, match="block id out of range"):
         kernel.paged_prefill(q, attn.k_cache, attn.v_cache, torch.full((1, 8), 500), meta.prefill_chunks, out, 0.125, None)
+
+
+def test_release_openmp_threads_frees_the_calling_threads_team() -> None:
+    """The engine's builder thread gives its OpenMP workers back (AsyncLLMEngine calls this before
+    its step thread starts), and a later parallel region in that thread still computes correctly."""
+    import os
+    import time
+
+    from levante.layers.cpu_kernels import release_openmp_threads
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    if not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2:
+        pytest.skip("needs Linux /proc and at least 2 torch threads")
+    x = torch.randn(2000, 2000)
+    (x + x).sum()  # a parallel region: this thread now has a team of workers
+    before = threads()
+    assert release_openmp_threads()
+    deadline = time.monotonic() + 5
+    while threads() >= before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threads() < before
+    torch.testing.assert_close((x + x).sum(), 2 * x.sum())

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from levante.engine.llm_engine import EngineStats, LLMEngine, PromptType
 from levante.engine.scheduler import EngineOverloadedError
+from levante.layers.cpu_kernels import release_openmp_threads
 from levante.outputs import RequestOutput
 from levante.sampling_params import SamplingParams
 
@@ -87,6 +88,9 @@ class AsyncLLMEngine:
         self._queues: dict[str, _Add] = {}
         self._stopping = False
         self._error: BaseException | None = None
+        # From now on only the step thread runs the model: the OpenMP team this thread used to
+        # build it would otherwise stop libgomp spinning at the barriers of every step.
+        release_openmp_threads()
         self._thread = threading.Thread(target=self._loop, name="levante-engine", daemon=True)
         self._thread.start()
 

@@ -119,3 +119,34 @@ def load_cpu_kernels() -> CpuKernels | None:
         logger.warning("native CPU kernels unavailable (%s); using portable torch ops", e)
         return None
     return CpuKernels(module)
+
+
+def release_openmp_threads() -> bool:
+    """Free the OpenMP worker teams of the calling thread (`omp_pause_resource_all`); True if any.
+
+    libgomp keeps one team per host thread that has run a parallel region, and once its teams hold
+    more threads than there are CPUs it stops spinning at barriers: every parallel region then ends
+    in a futex sleep and wake-up. A model built in one thread and stepped in another (AsyncLLMEngine)
+    is such a case on a 2-core machine, and each of a step's few hundred regions paid for it (decode
+    steps took up to twice as long). The thread that built the engine calls this once it is done;
+    it gets a new team if it runs a parallel region again. Every OpenMP runtime in the process is
+    paused (wheels bundle their own: sentencepiece ships a second libgomp beside torch's).
+    """
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "omp" in line.rsplit("/", 1)[-1]}
+    except OSError:
+        return False
+    released = False
+    for path in sorted(paths):
+        if not any(name in path for name in ("libgomp", "libomp", "libiomp")):
+            continue
+        try:
+            pause = ctypes.CDLL(path).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+        released |= pause(1) == 0  # omp_pause_soft: the threads go, the runtime stays initialised
+    return released
