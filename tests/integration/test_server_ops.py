@@ -433,8 +433,13 @@ def test_request_ids_are_echoed_and_logged_without_prompts(smollm2_server: Serve
     r = httpx.post(url + CHAT, json=body, headers={"X-Request-Id": given}, timeout=120)
     assert r.status_code == 200 and r.headers["x-request-id"] == given
     assert r.json()["id"] == f"chatcmpl-{given}"
-    generated = httpx.post(url + CHAT, json=body, timeout=120).headers["x-request-id"]
+    plain = httpx.post(url + CHAT, json=body, timeout=120)
+    generated = plain.headers["x-request-id"]
     assert len(generated) == 32 and int(generated, 16) >= 0 and generated != given
+    assert plain.json()["id"] == f"chatcmpl-{generated}"  # the id in the log line is the response's
+    too_long = httpx.post(url + CHAT, json=body, headers={"X-Request-Id": "x" * 200}, timeout=120)
+    replaced = too_long.headers["x-request-id"]
+    assert len(replaced) == 32 and too_long.json()["id"] == f"chatcmpl-{replaced}"
     missing = httpx.get(f"{url}/v1/models/nope", headers={"X-Request-Id": given + "-404"}, timeout=30)
     assert missing.status_code == 404 and missing.headers["x-request-id"] == given + "-404"
     time.sleep(0.2)

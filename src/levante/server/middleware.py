@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from levante.server.auth import PUBLIC_PATHS, KeyStore, key_from_headers
@@ -45,6 +46,15 @@ def _route_family(path: str) -> str:
     return path.strip("/").split("/")[0] or "root"
 
 
+MAX_REQUEST_ID = 128  # longer (or unprintable) X-Request-Id values are replaced by a generated id
+
+
+def request_id(request: Request) -> str:
+    """The id RequestLogMiddleware gave this request (a fresh one where it did not run)."""
+    rid = getattr(request.state, "request_id", None)
+    return rid if isinstance(rid, str) else uuid.uuid4().hex
+
+
 class RequestLogMiddleware:
     """Gives every request an id (X-Request-Id, kept if the client sent one), logs method, path, status, time; no bodies."""
 
@@ -57,7 +67,11 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict((k.decode().lower(), v.decode(errors="replace")) for k, v in scope["headers"])
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        given = headers.get("x-request-id", "")
+        request_id = given if 0 < len(given) <= MAX_REQUEST_ID and given.isprintable() else uuid.uuid4().hex
+        # The routes name their engine requests and response ids after it (chatcmpl-<id>), so a log
+        # line, the X-Request-Id header and the response's id all tell the same request.
+        scope.setdefault("state", {})["request_id"] = request_id
         start = time.monotonic()
         status = 500
 

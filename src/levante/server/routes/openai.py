@@ -11,7 +11,6 @@ import base64
 import json
 import struct
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ from levante.loaders.chat_template import Message
 from levante.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from levante.sampling_params import SamplingParams
 from levante.server.errors import APIError, bad_request, from_exception
+from levante.server.middleware import request_id
 from levante.server.protocol.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -101,8 +101,7 @@ def _messages(req: ChatCompletionRequest) -> list[Message]:
 
 
 def _new_id(prefix: str, request: Request) -> str:
-    given = request.headers.get("x-request-id")
-    return f"{prefix}-{given}" if given and len(given) <= 128 else f"{prefix}-{uuid.uuid4().hex}"
+    return f"{prefix}-{request_id(request)}"
 
 
 def _params(build: Callable[[], SamplingParams]) -> SamplingParams:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +29,7 @@ from levante.loaders.tokenizer import Tokenizer
 from levante.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from levante.sampling_params import SamplingParams
 from levante.server.errors import APIError, bad_request
+from levante.server.middleware import request_id
 from levante.server.protocol.tgi import (
     FinishReason,
     TGICompatRequest,
@@ -150,10 +150,9 @@ async def _start(req: TGIGenerateRequest, request: Request, stream: bool) -> tup
         raise bad_request("`decoder_input_details` == true is not supported when streaming tokens", "decoder_input_details")
     params, seed = _sampling(p, want_logprobs=stream or p.details or p.decoder_input_details)
     ids = await asyncio.to_thread(_prompt_ids, served, req.inputs, req.add_special_tokens, p)
-    given = request.headers.get("x-request-id")
-    request_id = f"tgi-{given}" if given and len(given) <= 128 else f"tgi-{uuid.uuid4().hex}"
+    rid = f"tgi-{request_id(request)}"
     gen = Generation(served, state.metrics, state.config.retry_after)
-    gen.start({"prompt_token_ids": ids, "prompt": req.inputs}, params, request_id)
+    gen.start({"prompt_token_ids": ids, "prompt": req.inputs}, params, rid)
     return gen, served, seed
 
 

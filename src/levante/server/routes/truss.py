@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -29,6 +28,7 @@ from fastapi.responses import StreamingResponse
 from levante.loaders.chat_template import Message
 from levante.sampling_params import SamplingParams
 from levante.server.errors import bad_request
+from levante.server.middleware import request_id
 from levante.server.protocol.openai import ErrorResponse
 from levante.server.protocol.truss import (
     DEFAULT_INFER_MAX_TOKENS,
@@ -62,8 +62,7 @@ def _state(request: Request) -> AppState:
 
 
 def _request_id(prefix: str, request: Request) -> str:
-    given = request.headers.get("x-request-id")
-    return f"{prefix}-{given}" if given and len(given) <= 128 else f"{prefix}-{uuid.uuid4().hex}"
+    return f"{prefix}-{request_id(request)}"
 
 
 def _prompt_ids(served: ServedModel, req: PredictRequest) -> list[int]:
