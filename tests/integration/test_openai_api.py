@@ -358,3 +358,33 @@ def test_response_format_json_object(client: OpenAI) -> None:
     assert r.choices[0].finish_reason == "stop"
     value = json.loads(r.choices[0].message.content or "")
     assert isinstance(value, dict) and value
+
+
+def test_prompt_logprobs_match_the_offline_score(client: OpenAI, offline: LLM) -> None:
+    """vLLM's `prompt_logprobs` extra, on completions (per choice) and chat (per response), against
+    the log-softmax of the offline API's one-pass logits over the same tokens."""
+    import torch
+
+    ids = offline.engine.tokenizer.encode(PROMPT, add_special_tokens=False)
+    r = client.completions.create(model="smollm2", prompt=ids, temperature=0, max_tokens=1, extra_body={"prompt_logprobs": 2})
+    got = r.choices[0].model_extra["prompt_logprobs"]
+    ref = torch.log_softmax(offline.score({"prompt_token_ids": ids}).float(), dim=-1)
+    assert len(got) == len(ids) and got[0] is None
+    for pos, (token, entry) in enumerate(zip(ids[1:], got[1:], strict=True), start=1):
+        assert str(token) in entry and 1 <= len(entry) <= 3  # the prompt's token, plus the top 2
+        assert entry[str(token)]["logprob"] == pytest.approx(ref[pos - 1, token].item(), abs=2e-3)
+        top = sorted(entry.values(), key=lambda v: v["rank"])
+        assert top[0]["rank"] == 1 and top[0]["logprob"] == pytest.approx(ref[pos - 1].max().item(), abs=2e-3)
+
+    chat = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": PROMPT}], max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0})
+    plp = chat.model_extra["prompt_logprobs"]
+    assert chat.usage is not None and len(plp) == chat.usage.prompt_tokens and plp[0] is None
+    assert all(len(e) == 1 and next(iter(e.values()))["logprob"] <= 0 for e in plp[1:])  # just the prompt's own token
+    assert PROMPT in "".join(next(iter(e.values()))["decoded_token"] for e in plp[1:])
+    plain = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": PROMPT}], max_tokens=1)
+    assert "prompt_logprobs" not in (plain.model_extra or {})
+
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": PROMPT}], max_tokens=1, stream=True,
+                                       extra_body={"prompt_logprobs": 1})

@@ -100,12 +100,21 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
     rag: RagOptions | None = Field(None, description="Levante extension: ground the answer in passages of a collection; the response lists them as `sources`.")
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="vLLM extra: log-probabilities of the prompt's tokens (and this many alternatives).")
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs: true")
+        _check_prompt_logprobs(self.prompt_logprobs, self.stream)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(self.max_completion_tokens or self.max_tokens, logprobs)
+        params = self.sampling_params(self.max_completion_tokens or self.max_tokens, logprobs)
+        params.prompt_logprobs = self.prompt_logprobs
+        return params
+
+
+def _check_prompt_logprobs(prompt_logprobs: int | None, stream: bool) -> None:
+    if prompt_logprobs is not None and stream:
+        raise ValueError("prompt_logprobs are not available when stream is true")
 
 
 class CompletionRequest(_SamplingFields):
@@ -122,6 +131,7 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("suffix (fill-in-the-middle) is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of different from n is not supported")
+        _check_prompt_logprobs(self.prompt_logprobs, self.stream)
         params = self.sampling_params(self.max_tokens, self.logprobs)
         if self.echo and self.logprobs is not None:
             params.prompt_logprobs = self.logprobs
@@ -174,6 +184,17 @@ class ChatChoice(BaseModel):
     stop_reason: int | str | None = None
 
 
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's shape: one entry per prompt token (None for the first, which nothing predicts), keyed by
+# token id: the prompt's own token and the top alternatives.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -181,6 +202,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda v: v is None, description="With `prompt_logprobs`.")
     sources: list[Source] | None = Field(None, exclude_if=lambda v: v is None, description="With `rag`: the passages the answer was given.")
 
 
@@ -219,6 +241,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda v: v is None, description="With `prompt_logprobs`.")
 
 
 class CompletionResponse(BaseModel):

@@ -152,7 +152,21 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
         }
         for o in out.outputs
     ]
-    return ChatCompletionResponse.model_validate({"id": request_id, "model": served.name, "choices": choices, "usage": _usage(out), "sources": sources})
+    prompt_lp = _prompt_logprobs(out, text) if req.prompt_logprobs is not None else None
+    return ChatCompletionResponse.model_validate(
+        {"id": request_id, "model": served.name, "choices": choices, "usage": _usage(out), "sources": sources, "prompt_logprobs": prompt_lp})
+
+
+def _prompt_logprobs(out: RequestOutput, text: Callable[[int], str]) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: per prompt position, token id -> logprob, rank and decoded text."""
+    entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+    return [
+        None if entry is None else {
+            str(t): {"logprob": max(v.logprob, -9999.0), "rank": v.rank, "decoded_token": v.decoded_token if v.decoded_token is not None else text(t)}
+            for t, v in entry.items()
+        }
+        for entry in entries
+    ]
 
 
 async def _chat_stream(
@@ -272,6 +286,7 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
                 "logprobs": logprobs,
                 "finish_reason": _finish(o),
                 "stop_reason": o.stop_reason,
+                "prompt_logprobs": _prompt_logprobs(out, text) if req.prompt_logprobs is not None else None,
             })
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens,
                   prompt_tokens_details={"cached_tokens": cached})
