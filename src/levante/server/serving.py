@@ -8,6 +8,7 @@ import gc
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from fastapi import Request
@@ -17,7 +18,7 @@ from levante.engine.async_engine import AsyncLLMEngine
 from levante.engine.llm_engine import EngineStats, LLMEngine, PromptType
 from levante.layers.linear import weight_bytes
 from levante.loaders.chat_template import ChatFormat, ChatTemplateError, Message
-from levante.loaders.loader import LoadedModel
+from levante.loaders.loader import LoadedModel, packaged_model_path
 from levante.outputs import OutputAccumulator, RequestOutput
 from levante.rag.embeddings import Embedder
 from levante.registry.store import Manifest, ModelRef, RegistryError, Store
@@ -153,6 +154,10 @@ class ModelManager:
         self.store = store
         self.sources = dict(sources or {})  # served name -> path or registry name, for models named at start-up
         self._locks: dict[str, asyncio.Lock] = {}
+        # What each model took when it was last loaded (weights + KV pool): the estimate for loading it again.
+        self._footprints: dict[str, int] = {}
+        for m in models:
+            self._remember(m)
 
     def find(self, name: str) -> ServedModel | None:
         """A loaded model answering to `name` (exactly, or as the same registry name:tag)."""
@@ -191,11 +196,11 @@ class ModelManager:
         return served
 
     def _source(self, name: str) -> tuple[str, str, int] | None:
-        """(what to load, served name, parameter count estimate) for a name this server may load."""
+        """(what to load, served name, bytes it will take) for a name this server may load."""
         key = canonical(name)
         for served_name, source in self.sources.items():
             if served_name == name or canonical(served_name) == key:
-                return source, served_name, 0
+                return source, served_name, self._estimate(served_name, self._stored_bytes(source))
         if self.store is None:
             return None
         try:
@@ -204,19 +209,43 @@ class ModelManager:
             return None
         if not self.store.exists(ref):
             return None
-        return str(ref), name, self.store.get(ref).parameters
+        return str(ref), name, self._estimate(name, sum(f.size for f in self.store.get(ref).files))
+
+    def _estimate(self, served_name: str, file_bytes: int) -> int:
+        """A model's footprint once loaded: what it took last time; else its files (weights load at about
+        their stored size) plus a KV pool as large as the largest loaded one (every engine of this
+        server has the same KV budget)."""
+        known = self._footprints.get(canonical(served_name))
+        if known is not None:
+            return known
+        pools = [m.memory_bytes - weight_bytes(m.loaded.model) for m in self.models.values() if isinstance(m.engine, AsyncLLMEngine)]
+        return file_bytes + max(pools, default=0)
+
+    def _stored_bytes(self, source: str) -> int:
+        size = _file_bytes(source)
+        if size or self.store is None:
+            return size
+        with contextlib.suppress(RegistryError):
+            ref = ModelRef.parse(source)
+            if self.store.exists(ref):
+                return sum(f.size for f in self.store.get(ref).files)
+        return 0
+
+    def _remember(self, served: ServedModel) -> None:
+        if isinstance(served.engine, AsyncLLMEngine):  # remote engines hold no memory here
+            self._footprints[canonical(served.name)] = served.memory_bytes
 
     async def _load(self, name: str) -> ServedModel:
         found = self._source(name) if self.loader is not None else None
         if found is None or self.loader is None:
             raise not_found(f"model {name!r} is not served here; available: {', '.join(self.available())}")
-        source, served_name, parameters = found
+        source, served_name, needed = found
         lock = self._locks.setdefault(canonical(served_name), asyncio.Lock())
         async with lock:
             served = self.find(name)
             if served is not None:
                 return served
-            self._make_room(parameters * 2)  # bfloat16 weights; the KV pool comes on top, within its own budget
+            self._make_room(needed)
             loader = self.loader
             try:
                 served = await asyncio.to_thread(loader, source, served_name)
@@ -224,6 +253,7 @@ class ModelManager:
                 raise APIError(400, f"could not load {name}: {e}", "invalid_request_error", "model") from e
             served.keep_alive = self.keep_alive
             self.models[served.name] = served
+            self._remember(served)
             return served
 
     def _make_room(self, needed: int) -> None:
@@ -381,3 +411,19 @@ async def _cancel_on_disconnect(http: Request, task: asyncio.Task[object] | None
             if task is not None:
                 task.cancel()
             return
+
+
+def _file_bytes(source: str) -> int:
+    """Bytes of a local model's weight files (a GGUF file, a folder of safetensors or GGUF, a packaged
+    model); 0 for anything else."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        path = packaged_model_path(source) or path
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".gguf"))
+    except OSError:
+        pass
+    return 0
