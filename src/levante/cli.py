@@ -190,14 +190,14 @@ def parse_size(text: str) -> int:
     return int(float(digits) * units[unit])
 
 
-def _progress() -> tuple[RichProgress, ProgressFactory]:
+def _progress(verb: str = "hashing + copying") -> tuple[RichProgress, ProgressFactory]:
     """A rich progress bar and a factory of per-file byte callbacks for it."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=False)
 
     def factory(label: str, total: int) -> Callable[[int], None]:
-        task = bar.add_task(f"hashing + copying {label}", total=total)
+        task = bar.add_task(f"{verb} {label}", total=total)
         return lambda n: bar.update(task, advance=n)
 
     return bar, factory
@@ -318,12 +318,15 @@ def verify(names: list[str] = typer.Argument(None, help="Models to check (defaul
     with user_errors():
         store = Store()
         manifests = [store.get(ModelRef.parse(n)) for n in names] if names else store.list()
-        bad = 0
-        for m in manifests:
-            problems = [p for f in m.files if (p := store.verify_blob(f))]
-            bad += bool(problems)
-            typer.echo(f"{m.ref}: " + ("ok" if not problems else "DAMAGED: " + "; ".join(problems)))
-        if bad:
+        bar, factory = _progress("verifying")  # a 7B model is gigabytes to re-hash
+        verdicts: list[tuple[str, list[str]]] = []
+        with bar:
+            for m in manifests:
+                problems = [p for f in m.files if (p := store.verify_blob(f, factory(f"{m.ref} {f.name}", f.size)))]
+                verdicts.append((str(m.ref), problems))
+        for ref, problems in verdicts:
+            typer.echo(f"{ref}: " + ("ok" if not problems else "DAMAGED: " + "; ".join(problems)))
+        if any(problems for _, problems in verdicts):
             raise typer.Exit(1)
 
 

@@ -32,7 +32,8 @@ def test_import_list_show_cp_verify_rm(tmp_path: Path, smollm2_gguf: Path) -> No
     shown = levante(home, "show", "smol:q4").stdout
     assert "llama" in shown and "Q4_1" in shown and "8192" in shown and "sha256:" in shown and "apache-2.0" in shown
     levante(home, "cp", "smol:q4", "assistant")
-    assert "assistant:latest: ok" in levante(home, "verify").stdout
+    verified = levante(home, "verify").stdout
+    assert "assistant:latest: ok" in verified and "verifying assistant:latest model.gguf" in verified  # the progress bar
     levante(home, "rm", "assistant")
     assert "assistant" not in levante(home, "list").stdout
     bad = levante(home, "import", str(smollm2_gguf), "--name", "../evil", check=False)
