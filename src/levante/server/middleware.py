@@ -49,10 +49,11 @@ def _route_family(path: str) -> str:
 MAX_REQUEST_ID = 128  # longer (or unprintable) X-Request-Id values are replaced by a generated id
 
 
-def request_id(request: Request) -> str:
-    """The id RequestLogMiddleware gave this request (a fresh one where it did not run)."""
+def response_id(request: Request, prefix: str) -> str:
+    """`prefix-<id>` with the id RequestLogMiddleware gave this request (a fresh one where it did not
+    run): what the routes name their engine requests and responses (chatcmpl-<id>, tgi-<id>, ...)."""
     rid = getattr(request.state, "request_id", None)
-    return rid if isinstance(rid, str) else uuid.uuid4().hex
+    return f"{prefix}-{rid if isinstance(rid, str) else uuid.uuid4().hex}"
 
 
 class RequestLogMiddleware:

@@ -89,9 +89,12 @@ class ServedModel:
     @property
     def memory_bytes(self) -> int:
         """Weights plus the KV pool (its whole budget: on CPU it is committed as it fills)."""
-        weights = weight_bytes(self.loaded.model)
+        return weight_bytes(self.loaded.model) + self.kv_cache_bytes
+
+    @property
+    def kv_cache_bytes(self) -> int:
         kv_cache = self.local_engine.runner.kv_cache
-        return weights + kv_cache.numel() * kv_cache.element_size()
+        return kv_cache.numel() * kv_cache.element_size()
 
     @property
     def expires_at(self) -> float | None:
@@ -209,7 +212,7 @@ class ModelManager:
             return None
         if not self.store.exists(ref):
             return None
-        return str(ref), name, self._estimate(name, sum(f.size for f in self.store.get(ref).files))
+        return str(ref), name, self._estimate(name, self.store.get(ref).size)
 
     def _estimate(self, served_name: str, file_bytes: int) -> int:
         """A model's footprint once loaded: what it took last time; else its files (weights load at about
@@ -218,7 +221,7 @@ class ModelManager:
         known = self._footprints.get(canonical(served_name))
         if known is not None:
             return known
-        pools = [m.memory_bytes - weight_bytes(m.loaded.model) for m in self.models.values() if isinstance(m.engine, AsyncLLMEngine)]
+        pools = [m.kv_cache_bytes for m in self.models.values() if isinstance(m.engine, AsyncLLMEngine)]
         return file_bytes + max(pools, default=0)
 
     def _stored_bytes(self, source: str) -> int:
@@ -228,7 +231,7 @@ class ModelManager:
         with contextlib.suppress(RegistryError):
             ref = ModelRef.parse(source)
             if self.store.exists(ref):
-                return sum(f.size for f in self.store.get(ref).files)
+                return self.store.get(ref).size
         return 0
 
     def _remember(self, served: ServedModel) -> None:

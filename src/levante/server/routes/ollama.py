@@ -33,7 +33,7 @@ from levante.registry import catalog
 from levante.registry.store import Manifest, ModelRef, RegistryError
 from levante.sampling_params import SamplingParams
 from levante.server.errors import APIError, bad_request
-from levante.server.middleware import request_id
+from levante.server.middleware import response_id
 from levante.server.protocol.ollama import (
     OLLAMA_VERSION,
     FormatType,
@@ -351,10 +351,6 @@ async def _ndjson(
                  **_timings(last, len(generated), started), **final(last, generated)})
 
 
-def _request_id(prefix: str, request: Request) -> str:
-    return f"{prefix}-{request_id(request)}"
-
-
 # ---- routes ------------------------------------------------------------------------------------
 
 
@@ -372,7 +368,7 @@ async def chat(req: OllamaChatRequest, request: Request) -> Any:
     ids = await asyncio.to_thread(served.encode_chat, messages)
     params = _sampling(req.options, len(ids), served)
     _json_format(req.format, params, served, state)
-    gen = Generation(served, state.metrics, state.config.retry_after).start({"prompt_token_ids": ids}, params, _request_id("chat", request))
+    gen = Generation(served, state.metrics, state.config.retry_after).start({"prompt_token_ids": ids}, params, response_id(request, "chat"))
 
     def piece(text: str) -> dict[str, Any]:
         return {"message": {"role": "assistant", "content": text}}
@@ -415,7 +411,7 @@ async def generate(req: OllamaGenerateRequest, request: Request) -> Any:
     ids = await asyncio.to_thread(_generate_ids, served, req)
     params = _sampling(req.options, len(ids), served)
     _json_format(req.format, params, served, state)
-    gen = Generation(served, state.metrics, state.config.retry_after).start({"prompt_token_ids": ids}, params, _request_id("generate", request))
+    gen = Generation(served, state.metrics, state.config.retry_after).start({"prompt_token_ids": ids}, params, response_id(request, "generate"))
 
     def final(out: RequestOutput, generated: list[int]) -> dict[str, Any]:
         return {"context": list(out.prompt_token_ids) + generated}

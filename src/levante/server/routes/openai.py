@@ -21,7 +21,7 @@ from levante.loaders.chat_template import Message
 from levante.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from levante.sampling_params import SamplingParams
 from levante.server.errors import APIError, bad_request, from_exception
-from levante.server.middleware import request_id
+from levante.server.middleware import response_id
 from levante.server.protocol.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -100,10 +100,6 @@ def _messages(req: ChatCompletionRequest) -> list[Message]:
     return out
 
 
-def _new_id(prefix: str, request: Request) -> str:
-    return f"{prefix}-{request_id(request)}"
-
-
 def _params(build: Callable[[], SamplingParams]) -> SamplingParams:
     try:
         return build()
@@ -134,7 +130,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
             state, served, _messages(req), req.rag, params.max_tokens, req.add_generation_prompt)
     else:
         prompt_ids = await asyncio.to_thread(served.encode_chat, _messages(req), req.add_generation_prompt)
-    request_id = _new_id("chatcmpl", request)
+    request_id = response_id(request, "chatcmpl")
     gen = Generation(served, state.metrics, state.config.retry_after).start({"prompt_token_ids": prompt_ids}, params, request_id)
     top_n = req.top_logprobs or 0
     text = served.loaded.tokenizer.token_text
@@ -254,7 +250,7 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     if req.stream and len(prompts) > 1:
         raise bad_request("streaming supports one prompt per request", "prompt")
     params = _params(req.to_sampling_params)
-    request_id = _new_id("cmpl", request)
+    request_id = response_id(request, "cmpl")
     text = served.loaded.tokenizer.token_text
     gens: list[Generation] = []
     try:

@@ -29,7 +29,7 @@ from levante.loaders.tokenizer import Tokenizer
 from levante.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from levante.sampling_params import SamplingParams
 from levante.server.errors import APIError, bad_request
-from levante.server.middleware import request_id
+from levante.server.middleware import response_id
 from levante.server.protocol.tgi import (
     FinishReason,
     TGICompatRequest,
@@ -150,9 +150,8 @@ async def _start(req: TGIGenerateRequest, request: Request, stream: bool) -> tup
         raise bad_request("`decoder_input_details` == true is not supported when streaming tokens", "decoder_input_details")
     params, seed = _sampling(p, want_logprobs=stream or p.details or p.decoder_input_details)
     ids = await asyncio.to_thread(_prompt_ids, served, req.inputs, req.add_special_tokens, p)
-    rid = f"tgi-{request_id(request)}"
     gen = Generation(served, state.metrics, state.config.retry_after)
-    gen.start({"prompt_token_ids": ids, "prompt": req.inputs}, params, rid)
+    gen.start({"prompt_token_ids": ids, "prompt": req.inputs}, params, response_id(request, "tgi"))
     return gen, served, seed
 
 

@@ -28,7 +28,7 @@ from fastapi.responses import StreamingResponse
 from levante.loaders.chat_template import Message
 from levante.sampling_params import SamplingParams
 from levante.server.errors import bad_request
-from levante.server.middleware import request_id
+from levante.server.middleware import response_id
 from levante.server.protocol.openai import ErrorResponse
 from levante.server.protocol.truss import (
     DEFAULT_INFER_MAX_TOKENS,
@@ -59,10 +59,6 @@ BASETEN_ALIASES = (
 def _state(request: Request) -> AppState:
     state: AppState = request.app.state.levante
     return state
-
-
-def _request_id(prefix: str, request: Request) -> str:
-    return f"{prefix}-{request_id(request)}"
 
 
 def _prompt_ids(served: ServedModel, req: PredictRequest) -> list[int]:
@@ -120,7 +116,7 @@ async def predict(req: PredictRequest, request: Request) -> Any:
     params = _sampling(req)
     ids = await asyncio.to_thread(_prompt_ids, served, req)
     gen = Generation(served, state.metrics, state.config.retry_after)
-    gen.start({"prompt_token_ids": ids}, params, _request_id("predict", request))
+    gen.start({"prompt_token_ids": ids}, params, response_id(request, "predict"))
     if req.stream:
         return StreamingResponse(_text_chunks(gen), media_type="text/plain; charset=utf-8", headers={"X-Accel-Buffering": "no"})
     out = await gen.collect(request)
@@ -149,5 +145,5 @@ async def infer(
     limit = max_tokens or max(1, min(DEFAULT_INFER_MAX_TOKENS, served.max_model_len - len(ids)))
     params = SamplingParams(temperature=temperature, seed=seed, max_tokens=limit)
     gen = Generation(served, state.metrics, state.config.retry_after)
-    out = await gen.start({"prompt_token_ids": ids}, params, _request_id("infer", request)).collect(request)
+    out = await gen.start({"prompt_token_ids": ids}, params, response_id(request, "infer")).collect(request)
     return [out.outputs[0].text]
