@@ -134,15 +134,14 @@ def release_openmp_threads() -> bool:
     """
     import ctypes
 
+    runtimes = ("libgomp", "libomp", "libiomp")
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "omp" in line.rsplit("/", 1)[-1]}
+            paths = {path for line in maps if (path := line.split()[-1]).rsplit("/", 1)[-1].startswith(runtimes)}
     except OSError:
         return False
     released = False
     for path in sorted(paths):
-        if not any(name in path for name in ("libgomp", "libomp", "libiomp")):
-            continue
         try:
             pause = ctypes.CDLL(path).omp_pause_resource_all
         except (OSError, AttributeError):
